@@ -1,0 +1,152 @@
+"""Configuration of the sparsely-gated Mixture-of-Experts language model (Shazeer et al., 2017)."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+ROUTER_TYPES = ("noisy_top_k", "softmax_top_k")
+EXPERT_ACTIVATIONS = ("relu", "swiglu")
+
+
+@strict
+class MoEConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MoEForCausalLM`]: a Llama-style decoder whose feed-forward blocks are (some or all)
+    sparsely-gated Mixture-of-Experts layers, as in "Outrageously Large Neural Networks" (Shazeer et al., 2017).
+
+    Args:
+        vocab_size (`int`): Number of token ids.
+        hidden_size (`int`): Width of the residual stream (the experts' input and output size).
+        intermediate_size (`int`): Hidden size of the dense feed-forward blocks (layers that are not MoE).
+        num_hidden_layers (`int`): Number of decoder layers.
+        num_attention_heads (`int`), num_key_value_heads (`int`, *optional*), head_dim (`int`, *optional*):
+            Attention geometry (grouped-query attention when `num_key_value_heads < num_attention_heads`).
+        max_position_embeddings (`int`): Longest sequence the rotary embedding is set up for.
+        rope_parameters (`dict`, *optional*): RoPE settings, `{"rope_type": "default", "rope_theta": 10000.0}` by default.
+        num_experts (`int`): Number of experts `n` in each MoE layer.
+        num_experts_per_tok (`int`): Number of experts `k` kept per token (SPEC §2 `KeepTopK`).
+        expert_intermediate_size (`int`): Hidden size of each expert (1024 in the paper's language models).
+        expert_activation (`str`): `"relu"` (one ReLU hidden layer, the paper's expert) or `"swiglu"` (gated SiLU).
+            Also used by the dense feed-forward blocks.
+        moe_layers (`"all"`, `int` or `list[int]`): which decoder layers are MoE. `"all"`; an int `N` for every
+            N-th layer (layers `N-1, 2N-1, ...`); or an explicit list of layer indices. The others are dense.
+        router_type (`str`): `"noisy_top_k"` (SPEC §2, the paper's gate) or `"softmax_top_k"` (no noise).
+        noise_epsilon (`float`): Floor added to the noise scale in training (SPEC §2, reference value 1e-2).
+        importance_loss_coef (`float`), load_loss_coef (`float`): `w_importance`, `w_load` of SPEC §3
+            (paper's language-modelling defaults: 0.1 and 0.1).
+        output_router_logits (`bool`): Whether to return each MoE layer's clean router logits.
+    """
+
+    model_type = "sparsely_gated_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    expert_intermediate_size: int = 1024
+    expert_activation: str = "relu"
+    moe_layers: str | int | list[int] = "all"
+    router_type: str = "noisy_top_k"
+    noise_epsilon: float | int = 1e-2
+    importance_loss_coef: float | int = 0.1
+    load_loss_coef: float | int = 0.1
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._check_values()
+        super().__post_init__(**kwargs)
+
+    def _check_values(self) -> None:
+        """Reject every bad value early, naming the field and the value."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "num_experts",
+            "expert_intermediate_size",
+        ):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}) when `head_dim` is not set."
+            )
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2 != 0):
+            raise ValueError(f"`head_dim` must be a positive even integer (RoPE), got {self.head_dim!r}.")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
+                f"({self.num_key_value_heads})."
+            )
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` must be between 1 and `num_experts` ({self.num_experts}), "
+                f"got {self.num_experts_per_tok!r}."
+            )
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            raise ValueError(f"`expert_activation` must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}.")
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
+        for name in ("noise_epsilon", "importance_loss_coef", "load_loss_coef", "attention_dropout"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+        self.moe_layer_indices  # noqa: B018 -- validates `moe_layers`
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        """The decoder layers whose feed-forward block is a MoE layer, resolved from `moe_layers`."""
+        spec, num_layers = self.moe_layers, self.num_hidden_layers
+        if isinstance(spec, str):
+            if spec != "all":
+                raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")
+            return list(range(num_layers))
+        if isinstance(spec, bool):
+            raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")
+        if isinstance(spec, int):
+            if spec < 1:
+                raise ValueError(f"`moe_layers` as an int is the MoE period and must be >= 1, got {spec!r}.")
+            return [i for i in range(num_layers) if i % spec == spec - 1]
+        indices = list(spec)
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_layers:
+                raise ValueError(
+                    f"`moe_layers` entry {index!r} is not a layer index in [0, {num_layers}) "
+                    f"(num_hidden_layers={num_layers})."
+                )
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"`moe_layers` has repeated layer indices: {indices!r}.")
+        return sorted(indices)
+
+
+__all__ = ["MoEConfig"]

@@ -1,0 +1,68 @@
+"""Running expert-utilization statistics over several forward passes (for logging between Trainer logging steps)."""
+
+from __future__ import annotations
+
+import torch
+
+from .gating import CV_EPSILON, RouterOutput, cv_squared
+
+
+class ExpertStatistics:
+    """Sums `Importance(X)`, `Load(X)` and the balancing losses of each MoE layer over forward passes.
+
+    The CVs of the summed vectors describe the balance over all tokens seen since the last `pop`.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.num_forwards = 0
+        self.importance: list[torch.Tensor] = []  # per MoE layer, (num_experts,)
+        self.load: list[torch.Tensor] = []
+        self.tokens_per_expert: list[torch.Tensor] = []
+        self.importance_loss = 0.0
+        self.load_loss = 0.0
+
+    @torch.no_grad()
+    def add(self, router_outputs: tuple[RouterOutput, ...] | None) -> None:
+        if not router_outputs:
+            return
+        if self.num_forwards == 0:
+            self.importance = [r.importance.clone() for r in router_outputs]
+            self.load = [r.load.clone() for r in router_outputs]
+            self.tokens_per_expert = [r.tokens_per_expert.clone() for r in router_outputs]
+            self.importance_loss = sum(r.importance_loss.detach() for r in router_outputs)
+            self.load_loss = sum(r.load_loss.detach() for r in router_outputs)
+        else:
+            for i, r in enumerate(router_outputs):
+                self.importance[i] += r.importance
+                self.load[i] += r.load
+                self.tokens_per_expert[i] += r.tokens_per_expert
+            self.importance_loss = self.importance_loss + sum(r.importance_loss.detach() for r in router_outputs)
+            self.load_loss = self.load_loss + sum(r.load_loss.detach() for r in router_outputs)
+        self.num_forwards += 1
+
+    def summary(self, layer_indices: list[int]) -> dict[str, float]:
+        """Mean losses per forward and, per MoE layer, CV(Importance), CV(Load), max/mean load."""
+        if self.num_forwards == 0:
+            return {}
+        result = {
+            "importance_loss": float(self.importance_loss) / self.num_forwards,
+            "load_loss": float(self.load_loss) / self.num_forwards,
+        }
+        for layer, importance, load in zip(layer_indices, self.importance, self.load):
+            result[f"layer_{layer}/cv_importance"] = float(cv_squared(importance).sqrt())
+            result[f"layer_{layer}/cv_load"] = float(cv_squared(load).sqrt())
+            result[f"layer_{layer}/max_mean_load"] = float(load.max() / (load.mean() + CV_EPSILON))
+        return result
+
+    def tokens_per_expert_by_layer(self) -> list[list[float]]:
+        """Tokens each expert received since the last reset, one list per MoE layer."""
+        return [t.tolist() for t in self.tokens_per_expert]
+
+    def pop(self, layer_indices: list[int]) -> dict[str, float]:
+        """`summary(layer_indices)`, then reset."""
+        result = self.summary(layer_indices)
+        self.reset()
+        return result

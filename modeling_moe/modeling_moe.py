@@ -1,0 +1,614 @@
+"""Sparsely-gated Mixture-of-Experts causal language model (Shazeer et al., 2017) for Hugging Face Transformers.
+
+A Llama-style decoder (RMSNorm, RoPE, grouped-query attention through the attention-function interface) whose
+feed-forward blocks are sparsely-gated MoE layers (`config.moe_layers`), with the noisy top-k gate and the importance
+and load balancing losses of SPEC.md §2-§3. The file travels to the Hub as remote code with its relative imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_moe import MoEConfig
+from .expert_statistics import ExpertStatistics
+from .gating import RouterOutput, TopKRouter, router_from_config
+
+
+class MoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class MoERotaryEmbedding(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = self.config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq_len, head_dim)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, num_key_value_heads, seq_len, head_dim) -> (batch, num_key_value_heads * n_rep, seq_len, head_dim)."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class MoEAttention(nn.Module):
+    """Multi-head (grouped-query) self-attention with RoPE, dispatched through `config._attn_implementation`."""
+
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class MoEMLP(nn.Module):
+    """Dense feed-forward block of the non-MoE layers, with the experts' activation (ReLU or SwiGLU)."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.gated = config.expert_activation == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN["silu" if self.gated else "relu"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+def _experts_eager_forward(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Reference experts computation: one small matmul per expert that received tokens.
+
+    hidden_states `(num_tokens, hidden)`, top_k_index / top_k_weights `(num_tokens, k)` -> `(num_tokens, hidden)`.
+    """
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=experts.num_experts + 1)  # (tokens, k, n+1)
+        expert_mask = expert_mask.permute(2, 1, 0)  # (n+1, k, tokens)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == experts.num_experts:  # expert-parallel sentinel: the expert lives on another rank
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+        current_state = hidden_states[token_idx]
+        if experts.has_gate:
+            gate, up = nn.functional.linear(current_state, experts.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            current_hidden_states = experts.act_fn(gate) * up
+        else:
+            current_hidden_states = experts.act_fn(nn.functional.linear(current_state, experts.up_proj[expert_idx]))
+        current_hidden_states = nn.functional.linear(current_hidden_states, experts.down_proj[expert_idx])
+        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+@use_experts_implementation(has_gate=False)
+class MoEExperts(nn.Module):
+    """The paper's experts (SPEC §1): one ReLU hidden layer each, stored fused as 3-D parameters.
+
+    up_proj `(num_experts, expert_intermediate_size, hidden)`, down_proj `(num_experts, hidden, expert_intermediate_size)`.
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.expert_intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN["relu"]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return _experts_eager_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+@use_experts_implementation(has_gate=True)
+class MoEGatedExperts(nn.Module):
+    """SwiGLU experts: gate_up_proj `(num_experts, 2 * expert_intermediate_size, hidden)` ([gate; up]), down_proj."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.expert_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN["silu"]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return _experts_eager_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+class MoESparseBlock(nn.Module):
+    """The sparsely-gated MoE layer of SPEC §1: `y = sum_i G(x)_i E_i(x)`, computing only the selected experts."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.gate = router_from_config(config)
+        self.experts = MoEGatedExperts(config) if config.expert_activation == "swiglu" else MoEExperts(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """hidden_states `(batch, seq_len, hidden)`, token_mask `(batch, seq_len)` (0 on padding)."""
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat_hidden_states = hidden_states.reshape(-1, hidden_dim)  # (num_tokens, hidden)
+        flat_mask = token_mask.reshape(-1) if token_mask is not None else None
+        _, top_k_weights, top_k_index, router_output = self.gate(flat_hidden_states, flat_mask)
+        expert_output = self.experts(flat_hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
+        return expert_output.reshape(batch_size, sequence_length, hidden_dim), router_output
+
+
+class MoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = MoEAttention(config=config, layer_idx=layer_idx)
+        self.is_moe_layer = layer_idx in config.moe_layer_indices
+        self.mlp = MoESparseBlock(config) if self.is_moe_layer else MoEMLP(config)
+        self.input_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        router_output = None
+        if self.is_moe_layer:
+            hidden_states, router_output = self.mlp(hidden_states, token_mask)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, router_output
+
+
+@dataclass
+class MoEModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    aux_loss (`torch.Tensor`): sum over the MoE layers of `L_importance + L_load` (SPEC §3), coefficients applied.
+    importance_loss (`torch.Tensor`), load_loss (`torch.Tensor`): the two parts of `aux_loss`.
+    router_outputs (`tuple[RouterOutput]`): per MoE layer, its losses and expert statistics.
+    """
+
+    aux_loss: torch.Tensor | None = None
+    importance_loss: torch.Tensor | None = None
+    load_loss: torch.Tensor | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+@dataclass
+class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    loss (`torch.Tensor`): with `labels`, the language-modelling loss plus `aux_loss`.
+    lm_loss (`torch.Tensor`): the language-modelling (next-token cross-entropy) loss alone.
+    aux_loss (`torch.Tensor`): sum over the MoE layers of `L_importance + L_load` (SPEC §3), coefficients applied.
+    importance_loss (`torch.Tensor`), load_loss (`torch.Tensor`): the two parts of `aux_loss`.
+    router_outputs (`tuple[RouterOutput]`): per MoE layer, its losses and expert statistics.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    importance_loss: torch.Tensor | None = None
+    load_loss: torch.Tensor | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    config: MoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(TopKRouter, index=0),
+        "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
+        "attentions": OutputRecorder(MoEAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoEExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, MoEGatedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            # SPEC §2: both gate matrices start at zero.
+            init.zeros_(module.weight)
+            if module.noisy:
+                init.zeros_(module.noise_weight)
+
+
+def _check_inputs(
+    config: MoEConfig,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+) -> None:
+    """Raise a clear error for malformed inputs before they reach torch kernels."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of `input_ids` or `inputs_embeds`.")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise TypeError(f"`input_ids` must be an integer (int64/int32) tensor, got {got}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+        if input_ids.numel() > 0:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"`input_ids` contains token id {bad}, outside the vocabulary [0, {config.vocab_size}) "
+                    f"(vocab_size={config.vocab_size})."
+                )
+        batch_size = input_ids.shape[0]
+    else:
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch_size, sequence_length, {config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        batch_size = inputs_embeds.shape[0]
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch_size:
+        raise ValueError(
+            f"`attention_mask` has batch size {attention_mask.shape[0]} but the inputs have batch size {batch_size}."
+        )
+
+
+def _sum_router_outputs(router_outputs: list[RouterOutput], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total importance and load losses over the MoE layers (zero for a model without MoE layers)."""
+    importance_loss = like.new_zeros((), dtype=torch.float32)
+    load_loss = like.new_zeros((), dtype=torch.float32)
+    for router_output in router_outputs:
+        importance_loss = importance_loss + router_output.importance_loss
+        load_loss = load_loss + router_output.load_loss
+    return importance_loss, load_loss
+
+
+class MoEModel(MoEPreTrainedModel):
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [MoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = MoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MoERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoEModelOutputWithPast:
+        _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        sequence_length = inputs_embeds.shape[1]
+
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(sequence_length, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        # SPEC §3: padding tokens are left out of Importance(X) and Load(X). A 2-D mask covers past and new tokens.
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -sequence_length:]
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        router_outputs = []
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, router_output = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                **kwargs,
+            )
+            if router_output is not None:
+                router_outputs.append(router_output)
+        hidden_states = self.norm(hidden_states)
+
+        importance_loss, load_loss = _sum_router_outputs(router_outputs, hidden_states)
+        return MoEModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            aux_loss=importance_loss + load_loss,
+            importance_loss=importance_loss,
+            load_loss=load_loss,
+            router_outputs=tuple(router_outputs),
+        )
+
+
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.model = MoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Running sums of the expert statistics since the last `pop_expert_statistics()`, for logging callbacks.
+        self.expert_statistics = ExpertStatistics()
+        self.post_init()
+
+    def pop_expert_statistics(self) -> dict[str, float]:
+        """Expert statistics accumulated over the forward passes since the last call (then reset).
+
+        Keys: `importance_loss`, `load_loss`, and per MoE layer `layer_{i}/cv_importance`, `layer_{i}/cv_load`,
+        `layer_{i}/max_mean_load`. Trainer callbacks read these from the `model` they are given.
+        """
+        return self.expert_statistics.pop(self.config.moe_layer_indices)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels (shifted inside the loss); `-100` is ignored. With labels, `loss` is the language-modelling
+            loss plus the balancing losses of every MoE layer, whatever `output_router_logits` says.
+
+        Example:
+
+        ```python
+        >>> from modeling_moe import MoEConfig, MoEForCausalLM
+        >>> model = MoEForCausalLM(MoEConfig(vocab_size=256, hidden_size=64, num_attention_heads=4, num_experts=8))
+        >>> out = model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]))
+        >>> out.loss, out.aux_loss
+        ```
+        """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+            )
+        outputs: MoEModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        self.expert_statistics.add(outputs.router_outputs)
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = lm_loss + outputs.aux_loss.to(lm_loss.device)
+
+        return MoECausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=outputs.aux_loss,
+            importance_loss=outputs.importance_loss,
+            load_loss=outputs.load_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+            router_outputs=outputs.router_outputs,
+        )
+
+
+__all__ = ["MoEForCausalLM", "MoEModel", "MoEPreTrainedModel"]
