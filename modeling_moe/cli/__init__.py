@@ -1,0 +1,1 @@
+"""Command-line entry points (moe-train, moe-eval, moe-push, moe-bench)."""
