@@ -1,0 +1,328 @@
+"""MoEForCausalLM behaves like a Transformers causal LM: saving, remote code, generation, attention and experts
+implementations, padding, gradient checkpointing, input validation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from modeling_moe import MoEConfig, MoEForCausalLM
+from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, MoEMLP
+
+from .conftest import tiny_config
+
+
+def _model(seed: int = 0, **overrides) -> MoEForCausalLM:
+    torch.manual_seed(seed)
+    model = MoEForCausalLM(tiny_config(**overrides))
+    # Give the gates non-zero weights so routing depends on the input, as in a trained model.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") or name.endswith("gate.noise_weight"):
+                param.normal_(0, 0.3)
+    return model.eval()
+
+
+def _ids(batch=2, length=10, seed=1, vocab=97):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_registration_and_structure():
+    from transformers import AutoConfig
+
+    config = tiny_config(num_hidden_layers=4, moe_layers=2)
+    assert isinstance(AutoConfig.for_model("sparsely_gated_moe"), MoEConfig)
+    model = MoEForCausalLM(config)
+    assert [layer.is_moe_layer for layer in model.model.layers] == [False, True, False, True]
+    assert isinstance(model.model.layers[0].mlp, MoEMLP)
+    assert isinstance(model.model.layers[1].mlp.experts, MoEExperts)
+    assert model.model.layers[1].mlp.experts.up_proj.shape == (6, 24, 32)  # fused (n, expert hidden, hidden)
+    gated = MoEForCausalLM(tiny_config(expert_activation="swiglu"))
+    assert isinstance(gated.model.layers[1].mlp.experts, MoEGatedExperts)
+    assert gated.model.layers[1].mlp.experts.gate_up_proj.shape == (6, 48, 32)
+    # SPEC §2: both gate matrices start at zero; every other parameter is initialised (no NaN, not all zero).
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if "mlp.gate." in name:
+            assert torch.count_nonzero(param) == 0, name
+        else:
+            assert torch.count_nonzero(param) > 0, name
+
+
+def test_all_moe_layers_and_every_nth():
+    assert tiny_config(num_hidden_layers=6, moe_layers="all").moe_layer_indices == [0, 1, 2, 3, 4, 5]
+    assert tiny_config(num_hidden_layers=6, moe_layers=3).moe_layer_indices == [2, 5]
+    assert tiny_config(num_hidden_layers=6, moe_layers=[4, 0]).moe_layer_indices == [0, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts_per_tok=7), "`num_experts_per_tok` must be between 1 and `num_experts` \\(6\\), got 7"),
+        (dict(num_experts_per_tok=0), "`num_experts_per_tok` must be between 1 and `num_experts` \\(6\\), got 0"),
+        (dict(importance_loss_coef=-0.1), "`importance_loss_coef` must be >= 0, got -0.1"),
+        (dict(load_loss_coef=-1.0), "`load_loss_coef` must be >= 0, got -1.0"),
+        (dict(hidden_size=30), "`hidden_size` \\(30\\) must be divisible by `num_attention_heads` \\(4\\)"),
+        (
+            dict(num_key_value_heads=3),
+            "`num_attention_heads` \\(4\\) must be divisible by `num_key_value_heads` \\(3\\)",
+        ),
+        (dict(router_type="switch"), "`router_type` must be one of .*, got 'switch'"),
+        (dict(expert_activation="gelu"), "`expert_activation` must be one of .*, got 'gelu'"),
+        (dict(moe_layers=[2]), "`moe_layers` entry 2 is not a layer index in \\[0, 2\\)"),
+        (dict(moe_layers=[-1]), "`moe_layers` entry -1 is not a layer index"),
+        (dict(moe_layers=0), "`moe_layers` as an int is the MoE period and must be >= 1, got 0"),
+        (dict(moe_layers="some"), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 'some'"),
+        (dict(num_experts=0), "`num_experts` must be a positive integer, got 0"),
+        (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be >= 0, got -0.001"),
+    ],
+)
+def test_invalid_config_values_raise_value_error_naming_them(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_invalid_inputs_raise_clear_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="token id 97, outside the vocabulary \\[0, 97\\)"):
+        model(input_ids=torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -3"):
+        model(input_ids=torch.tensor([[1, -3]]))
+    with pytest.raises(TypeError, match="`input_ids` must be an integer"):
+        model(input_ids=torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="`input_ids` must have shape \\(batch_size, sequence_length\\), got \\(3,\\)"):
+        model(input_ids=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="`inputs_embeds` must have shape \\(batch_size, sequence_length, 32\\)"):
+        model(inputs_embeds=torch.randn(1, 3, 16))
+    with pytest.raises(ValueError, match="exactly one of `input_ids` or `inputs_embeds`"):
+        model(input_ids=torch.tensor([[1]]), inputs_embeds=torch.randn(1, 1, 32))
+    with pytest.raises(ValueError, match="`labels` must have the shape of `input_ids` \\(1, 3\\), got \\(1, 2\\)"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="`attention_mask` has batch size 2 but the inputs have batch size 1"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(2, 3, dtype=torch.long))
+
+
+def test_loss_includes_balancing_losses_whatever_output_router_logits_says():
+    model = _model().train()
+    ids = _ids()
+    for output_router_logits in (False, True):
+        torch.manual_seed(0)
+        out = model(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
+        assert out.aux_loss > 0
+        assert torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+        assert torch.allclose(out.aux_loss, out.importance_loss + out.load_loss)
+        assert len(out.router_outputs) == 1
+        if output_router_logits:
+            assert out.router_logits[0].shape == (ids.numel(), 6)
+    # The balancing losses follow the coefficients.
+    torch.manual_seed(0)
+    zero = MoEForCausalLM(tiny_config(importance_loss_coef=0.0, load_loss_coef=0.0)).train()(input_ids=ids, labels=ids)
+    assert zero.aux_loss == 0 and torch.allclose(zero.loss, zero.lm_loss)
+
+
+def test_expert_statistics_are_reported():
+    model = _model()
+    out = model(input_ids=_ids())
+    stats = out.router_outputs[0]
+    assert stats.tokens_per_expert.sum() == 2 * 10 * 2  # every token goes to k=2 experts
+    assert stats.cv_load >= 0 and stats.cv_importance >= 0 and stats.max_mean_load >= 1
+    summary = model.pop_expert_statistics()
+    assert set(summary) == {
+        "importance_loss",
+        "load_loss",
+        "layer_1/cv_importance",
+        "layer_1/cv_load",
+        "layer_1/max_mean_load",
+    }
+    assert summary["layer_1/cv_load"] == pytest.approx(float(stats.cv_load), rel=1e-5)
+    assert model.pop_expert_statistics() == {}  # popped
+
+
+def test_evaluation_is_deterministic_and_training_routes_differently():
+    model = _model()
+    ids = _ids()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    first = model(input_ids=ids).router_outputs[0].tokens_per_expert
+    assert any(not torch.equal(first, model(input_ids=ids).router_outputs[0].tokens_per_expert) for _ in range(5))
+
+
+def test_save_and_load_gives_bitwise_identical_logits(tmp_path):
+    model = _model()
+    ids = _ids()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe.MoEForCausalLM"
+    assert config["auto_map"]["AutoConfig"] == "configuration_moe.MoEConfig"
+    for source in ("modeling_moe.py", "configuration_moe.py", "gating.py"):
+        assert (tmp_path / source).exists(), source
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MoEForCausalLM
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class HideModelingMoE(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "modeling_moe" or name.startswith("modeling_moe."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+            return None
+
+    sys.meta_path.insert(0, HideModelingMoE())
+    try:
+        import modeling_moe  # noqa: F401
+        raise SystemExit("modeling_moe should not be importable here")
+    except ModuleNotFoundError:
+        pass
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder, ids_path, out_path = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    ids = torch.load(ids_path)
+    torch.save(model(input_ids=ids).logits, out_path)
+    """
+)
+
+
+def run_remote_code_load(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
+    """Load `folder` with trust_remote_code in a fresh process where `modeling_moe` cannot be imported."""
+    script, ids_path, out_path = tmp_path / "load.py", tmp_path / "ids.pt", tmp_path / "logits.pt"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    torch.save(ids, ids_path)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(ids_path), str(out_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def test_remote_code_load_without_the_package_gives_identical_logits(tmp_path):
+    model = _model(expert_activation="swiglu", num_hidden_layers=3, moe_layers=[0, 2])
+    folder = tmp_path / "exported"
+    model.save_pretrained(folder)
+    ids = _ids()
+    assert torch.equal(run_remote_code_load(folder, ids, tmp_path), model(input_ids=ids).logits)
+
+
+def test_greedy_generation_with_cache_equals_without_cache():
+    model = _model()
+    prompt = _ids(batch=1, length=5)
+    with_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=True, min_new_tokens=20)
+    without_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, min_new_tokens=20)
+    assert with_cache.shape == (1, 25)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_sdpa_and_eager_attention_agree():
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    logits = {}
+    for implementation in ("sdpa", "eager"):
+        model = _model()
+        model.set_attn_implementation(implementation)
+        assert model.config._attn_implementation == implementation
+        logits[implementation] = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(logits["sdpa"][real], logits["eager"][real], atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_left_padded_batch_matches_each_example_alone(attn_implementation):
+    model = _model()
+    model.set_attn_implementation(attn_implementation)
+    first, second = _ids(batch=1, length=8, seed=3), _ids(batch=1, length=5, seed=4)
+    pad = model.config.pad_token_id
+    batch = torch.cat([first, torch.cat([torch.full((1, 3), pad), second], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = model(input_ids=batch, attention_mask=mask)
+    assert torch.allclose(out.logits[0], model(input_ids=first).logits[0], atol=1e-5)
+    assert torch.allclose(out.logits[1, 3:], model(input_ids=second).logits[0], atol=1e-5)
+    # Padding tokens are left out of the expert statistics (SPEC §3).
+    assert out.router_outputs[0].tokens_per_expert.sum() == (8 + 5) * 2
+
+
+def test_left_padded_batch_generation_matches_each_example_alone():
+    model = _model()
+    first, second = _ids(batch=1, length=6, seed=5), _ids(batch=1, length=4, seed=6)
+    batch = torch.cat([first, torch.cat([torch.zeros(1, 2, dtype=torch.long), second], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    together = model.generate(batch, attention_mask=mask, **settings)
+    assert torch.equal(together[0, 6:], model.generate(first, **settings)[0, 6:])
+    assert torch.equal(together[1, 6:], model.generate(second, **settings)[0, 4:])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = _ids()
+    gradients = []
+    for checkpointing in (False, True):
+        model = _model(num_hidden_layers=3, moe_layers="all").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        torch.manual_seed(42)  # the same gate noise in both runs (checkpointing replays the RNG state)
+        model(input_ids=ids, labels=ids).loss.backward()
+        gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    for name, grad in gradients[0].items():
+        assert torch.allclose(grad, gradients[1][name], atol=1e-6), name
+
+
+def test_resize_token_embeddings():
+    model = _model()
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == 120
+    assert model.get_input_embeddings().weight.shape == (120, 32)
+    assert model.lm_head.weight.shape == (120, 32)
+    ids = torch.tensor([[5, 110, 119]])
+    assert model(input_ids=ids, labels=ids).logits.shape == (1, 3, 120)
+    with pytest.raises(ValueError, match="token id 120"):
+        model(input_ids=torch.tensor([[120]]))
+
+
+@pytest.mark.parametrize("expert_activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_experts_implementations_match_eager(tmp_path, expert_activation, implementation):
+    model = _model(expert_activation=expert_activation, num_experts=8, num_experts_per_tok=3)
+    model.save_pretrained(tmp_path)
+    ids = _ids(batch=3, length=12)
+    outputs, gradients = {}, {}
+    for name in ("eager", implementation):
+        loaded = MoEForCausalLM.from_pretrained(tmp_path, experts_implementation=name).train()
+        assert loaded.config._experts_implementation == name
+        torch.manual_seed(7)
+        out = loaded(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outputs[name] = out.logits
+        gradients[name] = {n: p.grad for n, p in loaded.named_parameters() if p.grad is not None}
+    assert torch.allclose(outputs["eager"], outputs[implementation], atol=1e-5)
+    for name, grad in gradients["eager"].items():
+        assert torch.allclose(grad, gradients[implementation][name], atol=1e-5), name
+
+
+def test_fp16_and_bf16_forward_is_finite():
+    for dtype in (torch.bfloat16, torch.float16):
+        model = _model().to(dtype).train()
+        ids = _ids()
+        out = model(input_ids=ids, labels=ids)
+        assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all(), dtype
