@@ -6,8 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-ROUTER_TYPES = ("noisy_top_k", "softmax_top_k")
+ROUTER_TYPES = ("noisy_top_k", "softmax_top_k", "hierarchical", "balanced")
 EXPERT_ACTIVATIONS = ("relu", "swiglu")
+ROUTER_STATISTICS_SCOPES = ("global", "local")
 
 
 @strict
@@ -32,15 +33,60 @@ class MoEConfig(PreTrainedConfig):
             Also used by the dense feed-forward blocks.
         moe_layers (`"all"`, `int` or `list[int]`): which decoder layers are MoE. `"all"`; an int `N` for every
             N-th layer (layers `N-1, 2N-1, ...`); or an explicit list of layer indices. The others are dense.
-        router_type (`str`): `"noisy_top_k"` (SPEC §2, the paper's gate) or `"softmax_top_k"` (no noise).
+        router_type (`str`): `"noisy_top_k"` (SPEC §2, the paper's gate), `"softmax_top_k"` (no noise),
+            `"hierarchical"` (SPEC §4: a noisy top-k gate over groups of experts, then one within each chosen group) or
+            `"balanced"` (SPEC §5: strictly balanced batchwise gating in training, learned thresholds at inference).
+        num_expert_groups (`int`): Hierarchical router only: the number of groups `a`; each holds
+            `b = num_experts // num_expert_groups` experts (`num_experts` must be a multiple). 1 for other routers.
+        num_groups_per_tok (`int`): Hierarchical router only: groups kept per token by the primary gate (`k` of the
+            first level, `1 <= num_groups_per_tok <= num_expert_groups`). With the hierarchical router,
+            `num_experts_per_tok` is the `k` of the second level (experts kept in each chosen group, at most `b`), so
+            a token goes to `num_groups_per_tok * num_experts_per_tok` experts. 1 for other routers.
+        batchwise_loss_coef (`float`): Balanced router only: coefficient of `L_batchwise` (SPEC §5), which trains the
+            per-expert thresholds used at inference; it is added to the layer's `load_loss`.
+        expert_capacity_factor (`float`, *optional*): In training, each expert takes at most
+            `ceil(expert_capacity_factor * experts_per_token * tokens / num_experts)` of the batch's non-padding tokens;
+            the assignments over it are skipped (the residual connection carries those tokens) and counted in
+            `RouterOutput.dropped_tokens`. `None` (default): no token is dropped. Evaluation never drops tokens.
         noise_epsilon (`float`): Floor added to the noise scale in training (SPEC §2, reference value 1e-2).
         importance_loss_coef (`float`), load_loss_coef (`float`): `w_importance`, `w_load` of SPEC §3
             (paper's language-modelling defaults: 0.1 and 0.1).
         output_router_logits (`bool`): Whether to return each MoE layer's clean router logits.
+        expert_recompute_activations (`bool`): Recompute the experts' hidden activations in the backward pass instead
+            of storing them (SPEC §6), trading one more up-projection per MoE layer for memory. Honoured by the
+            default `experts_implementation="moe_fused"` (see `fast_experts.py`).
+        router_statistics_scope (`str`): `"global"` (SPEC §3: under data parallelism, `Importance(X)` and `Load(X)`
+            are summed over the ranks before the CV, with gradients) or `"local"` (each rank's own batch).
     """
 
     model_type = "sparsely_gated_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # Trainer's prediction step gathers every other output as predictions: keep them to the logits.
+    keys_to_ignore_at_inference = [
+        "past_key_values",
+        "lm_loss",
+        "aux_loss",
+        "importance_loss",
+        "load_loss",
+        "router_logits",
+        "router_outputs",
+    ]
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert-parallel plan of [`MoEModel`] (SPEC §6), read by `from_pretrained(distributed_config=...)`.
+
+        Each MoE layer's fused expert weights are split on the expert dimension over the `ep_size` ranks
+        (`grouped_gemm`), and its experts module exchanges tokens with the other ranks (`ep_dispatch_experts`,
+        all-to-all in training). Gates, attention and dense feed-forward layers are not named, so they stay data
+        parallel. The rules name only `mlp.experts`, which dense layers do not have, and only the weights this
+        config's experts have (`up_proj` for ReLU experts, `gate_up_proj` for SwiGLU), so every rule matches.
+        """
+        up_proj = "gate_up_proj" if self.expert_activation == "swiglu" else "up_proj"
+        return {
+            f"layers.*.mlp.experts.{up_proj}": "grouped_gemm",
+            "layers.*.mlp.experts.down_proj": "grouped_gemm",
+            "layers.*.mlp.experts": "ep_dispatch_experts",
+        }
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -71,6 +117,12 @@ class MoEConfig(PreTrainedConfig):
     importance_loss_coef: float | int = 0.1
     load_loss_coef: float | int = 0.1
     output_router_logits: bool = False
+    expert_recompute_activations: bool = False
+    router_statistics_scope: str = "global"
+    num_expert_groups: int = 1
+    num_groups_per_tok: int = 1
+    batchwise_loss_coef: float | int = 0.01
+    expert_capacity_factor: float | int | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -115,13 +167,63 @@ class MoEConfig(PreTrainedConfig):
             raise ValueError(f"`expert_activation` must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}.")
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
+        if self.router_statistics_scope not in ROUTER_STATISTICS_SCOPES:
+            raise ValueError(
+                f"`router_statistics_scope` must be one of {ROUTER_STATISTICS_SCOPES}, "
+                f"got {self.router_statistics_scope!r}."
+            )
+        self._check_router_values()
         for name in ("noise_epsilon", "importance_loss_coef", "load_loss_coef", "attention_dropout"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+        if not isinstance(self.expert_recompute_activations, bool):
+            raise ValueError(
+                f"`expert_recompute_activations` must be a bool, got {self.expert_recompute_activations!r}."
+            )
         self.moe_layer_indices  # noqa: B018 -- validates `moe_layers`
+
+    def _check_router_values(self) -> None:
+        """Hierarchical groups (SPEC §4), balanced gating (SPEC §5) and expert capacity."""
+        if self.num_expert_groups < 1:
+            raise ValueError(f"`num_expert_groups` must be a positive integer, got {self.num_expert_groups!r}.")
+        if self.router_type == "hierarchical":
+            if self.num_experts % self.num_expert_groups != 0:
+                raise ValueError(
+                    f"`num_experts` ({self.num_experts}) must be a multiple of `num_expert_groups` "
+                    f"({self.num_expert_groups}) with router_type='hierarchical'."
+                )
+            if not 1 <= self.num_groups_per_tok <= self.num_expert_groups:
+                raise ValueError(
+                    f"`num_groups_per_tok` must be between 1 and `num_expert_groups` ({self.num_expert_groups}), "
+                    f"got {self.num_groups_per_tok!r}."
+                )
+            group_size = self.num_experts // self.num_expert_groups
+            if self.num_experts_per_tok > group_size:
+                raise ValueError(
+                    f"`num_experts_per_tok` ({self.num_experts_per_tok}) is kept within each group with "
+                    f"router_type='hierarchical' and must be at most the group size "
+                    f"num_experts // num_expert_groups = {group_size}."
+                )
+        else:
+            for name in ("num_expert_groups", "num_groups_per_tok"):
+                if getattr(self, name) != 1:
+                    raise ValueError(
+                        f"`{name}` must be 1 unless router_type='hierarchical', got {getattr(self, name)!r} "
+                        f"with router_type={self.router_type!r}."
+                    )
+        if self.batchwise_loss_coef < 0:
+            raise ValueError(f"`batchwise_loss_coef` must be >= 0, got {self.batchwise_loss_coef!r}.")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise ValueError(f"`expert_capacity_factor` must be > 0 or None, got {self.expert_capacity_factor!r}.")
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts each token is sent to: `num_experts_per_tok`, times `num_groups_per_tok` for the hierarchical
+        router (the balanced router sends `num_experts_per_tok` per token on average)."""
+        return self.num_experts_per_tok * self.num_groups_per_tok
 
     @property
     def moe_layer_indices(self) -> list[int]:

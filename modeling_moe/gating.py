@@ -13,9 +13,11 @@ The gate is computed in float32 whatever the model's dtype, so fp16/bf16 models 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -76,14 +78,70 @@ def load_probability(
     return torch.special.ndtr((clean_logits - threshold) / noise_std)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the ranks whose backward is also a sum over the ranks.
+
+    Every rank's loss depends on the summed statistics, so the gradient reaching one rank's own contribution is the sum
+    of the gradients of all ranks' losses (`torch.distributed.nn.functional.all_reduce` does the same but is
+    deprecated).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def reduce_router_statistics(
+    *statistics: torch.Tensor, scope: str = "global", group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Per-expert statistics (`Importance(X)`, `Load(X)`, ...) over the global batch, before any CV (SPEC §3).
+
+    With `scope="global"`, `torch.distributed` initialized with more than one rank and gradients enabled, each tensor
+    is summed over the ranks of `group` (all ranks by default: every rank holds its own data-parallel batch, as under
+    DDP, FSDP and the expert parallelism of `DistributedConfig`) in one collective, with gradients flowing back to
+    every rank's tokens. Otherwise (`scope="local"`, a single process, or under `torch.no_grad()`, where there is no
+    gradient to share and a collective would hang a rank that generates alone) the tensors come back unchanged.
+    Every rank must call it the same number of times: routers call it once per forward, in every MoE layer.
+    """
+    if scope not in ("global", "local"):
+        raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}.")
+    if (
+        scope == "local"
+        or not torch.is_grad_enabled()
+        or not dist.is_available()
+        or not dist.is_initialized()
+        or dist.get_world_size(group) < 2
+    ):
+        return statistics
+    sizes = [t.numel() for t in statistics]
+    flat = torch.cat([t.float().reshape(-1) for t in statistics])  # one collective for all statistics
+    flat = _AllReduceSum.apply(flat, group)
+    return tuple(part.view_as(t) for part, t in zip(flat.split(sizes), statistics, strict=True))
+
+
 @dataclass
 class RouterOutput:
     """Balancing losses and expert statistics of one MoE layer for one forward pass.
 
     `importance_loss` and `load_loss` are already multiplied by their coefficients and carry gradients; the rest is
     detached and meant for logging. `importance` and `load` are `Importance(X)` and `Load(X)` of SPEC §3 over the
-    non-padding tokens (`load` is the smooth estimate in training with noise, the token count otherwise);
-    `tokens_per_expert` counts the (non-padding) tokens each expert actually received.
+    non-padding tokens, of all ranks when `reduce_router_statistics` summed them (`load` is the smooth estimate in
+    training with noise, the token count otherwise); `tokens_per_expert` counts the (non-padding) tokens each expert
+    actually received (this rank's).
+
+    Optional fields (`None` where they do not apply): `dropped_tokens`, the (token, expert) assignments that went over
+    an expert's capacity (`expert_capacity_factor`) and were skipped; `threshold_agreement`, for the balanced router
+    (SPEC §5), the fraction of non-padding tokens whose threshold-mask experts equal their batchwise-mask experts;
+    `batchwise_loss`, the balanced router's `L_batchwise` (coefficient applied, already inside `load_loss`).
     """
 
     importance_loss: torch.Tensor
@@ -91,6 +149,9 @@ class RouterOutput:
     importance: torch.Tensor
     load: torch.Tensor
     tokens_per_expert: torch.Tensor
+    dropped_tokens: torch.Tensor | None = None
+    threshold_agreement: torch.Tensor | None = None
+    batchwise_loss: torch.Tensor | None = None
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -125,6 +186,7 @@ class TopKRouter(nn.Module):
         noise_epsilon: float = 1e-2,
         importance_loss_coef: float = 0.1,
         load_loss_coef: float = 0.1,
+        statistics_scope: str = "global",
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -134,23 +196,31 @@ class TopKRouter(nn.Module):
         self.noise_epsilon = noise_epsilon
         self.importance_loss_coef = importance_loss_coef
         self.load_loss_coef = load_loss_coef
+        self.statistics_scope = statistics_scope
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))  # W_g^T
         if noisy:
             self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))  # W_noise^T
+
+    def gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Clean logits `x W_g`, noisy logits `H(x)` and the noise scale (`None` without noise) of SPEC §2.
+
+        `x` is float32 `(num_tokens, hidden_size)`; the outputs are `(num_tokens, num_experts)`. Also used by the
+        hierarchical router (SPEC §4) for its primary and secondary gates.
+        """
+        clean_logits = F.linear(x, self.weight.float())  # (num_tokens, num_experts)
+        if not (self.noisy and self.training):
+            return clean_logits, clean_logits, None
+        # SPEC §2: H(x) = x W_g + eps * (softplus(x W_noise) + noise_epsilon), eps ~ N(0, 1), training only.
+        noise_std = F.softplus(F.linear(x, self.noise_weight.float())) + self.noise_epsilon
+        return clean_logits, clean_logits + torch.randn_like(clean_logits) * noise_std, noise_std
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RouterOutput]:
         """Route `hidden_states` `(num_tokens, hidden_size)`; `token_mask` `(num_tokens,)` is 0 on padding tokens."""
         x = hidden_states.reshape(-1, self.hidden_size).float()
-        clean_logits = F.linear(x, self.weight.float())  # (num_tokens, num_experts)
-        add_noise = self.noisy and self.training
-        if add_noise:
-            # SPEC §2: H(x) = x W_g + eps * (softplus(x W_noise) + noise_epsilon), eps ~ N(0, 1), training only.
-            noise_std = F.softplus(F.linear(x, self.noise_weight.float())) + self.noise_epsilon
-            noisy_logits = clean_logits + torch.randn_like(clean_logits) * noise_std
-        else:
-            noisy_logits = clean_logits
+        clean_logits, noisy_logits, noise_std = self.gate_logits(x)
+        add_noise = noise_std is not None
 
         # G(x) = softmax(KeepTopK(H(x), k)): the softmax over the k kept logits equals the masked softmax.
         top_k_logits, top_k_index = noisy_logits.topk(self.top_k, dim=-1)  # (num_tokens, k)
@@ -170,6 +240,8 @@ class TopKRouter(nn.Module):
             # No noise (evaluation, softmax gate) or every expert kept: Load(X) is the plain token count.
             load = tokens_per_expert
 
+        # SPEC §3: under data parallelism, Importance and Load are over the global batch (summed over the ranks).
+        importance, load = reduce_router_statistics(importance, load, scope=self.statistics_scope)
         router_output = RouterOutput(
             importance_loss=self.importance_loss_coef * cv_squared(importance),
             load_loss=self.load_loss_coef * cv_squared(load),
@@ -191,5 +263,95 @@ def router_from_config(config) -> nn.Module:
             noise_epsilon=config.noise_epsilon,
             importance_loss_coef=config.importance_loss_coef,
             load_loss_coef=config.load_loss_coef,
+            statistics_scope=config.router_statistics_scope,
         )
+    # Imported here: both modules import this one (relative imports, so they travel as remote code).
+    if config.router_type == "hierarchical":
+        from .hierarchical_gating import HierarchicalRouter
+
+        return HierarchicalRouter.from_config(config)
+    if config.router_type == "balanced":
+        from .balanced_gating import BalancedRouter
+
+        return BalancedRouter.from_config(config)
     raise ValueError(f"Unknown `router_type` {config.router_type!r}.")
+
+
+def expert_capacity(capacity_factor: float, experts_per_token: int, num_tokens: int, num_experts: int) -> int:
+    """Tokens one expert may take: `ceil(capacity_factor * experts_per_token * num_tokens / num_experts)`."""
+    return math.ceil(capacity_factor * experts_per_token * num_tokens / num_experts)
+
+
+def apply_expert_capacity(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_experts: int,
+    capacity: int,
+    token_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Skip the assignments that go over an expert's capacity: their weight becomes 0 (the residual carries the token).
+
+    An expert takes its assignments in order of choice rank first (every token's first choice before any second
+    choice), then token order. Slots with weight exactly 0 (the balanced router's unused slots) and padding tokens
+    (`token_mask == 0`) occupy no capacity and are never dropped.
+
+    Args:
+        top_k_index, top_k_weights: `(num_tokens, K)`, as the routers return them.
+        num_experts: `n`.
+        capacity: tokens one expert may take (see [`expert_capacity`]).
+        token_mask: `(num_tokens,)`, 0 on padding tokens.
+
+    Returns:
+        `(top_k_weights, dropped_tokens, tokens_per_expert)`: the weights with dropped slots zeroed (differentiable),
+        the number of dropped assignments (scalar) and the assignments each expert kept `(num_experts,)`.
+    """
+    if capacity < 0:
+        raise ValueError(f"`capacity` must be >= 0, got {capacity}.")
+    num_tokens, slots = top_k_index.shape
+    occupies = top_k_weights.detach() != 0
+    if token_mask is not None:
+        occupies = occupies & token_mask.reshape(-1, 1).bool()
+    # Choice-rank-major order: (K, num_tokens) flattened; slots that occupy nothing go to a sentinel expert `n`.
+    experts = torch.where(occupies, top_k_index, num_experts).t().reshape(-1)
+    order = torch.sort(experts, stable=True).indices
+    sorted_experts = experts[order]
+    counts = torch.bincount(sorted_experts, minlength=num_experts + 1)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(experts)
+    rank[order] = torch.arange(experts.numel(), device=experts.device) - starts[sorted_experts]
+    keep = ((rank < capacity) | (experts == num_experts)).reshape(slots, num_tokens).t()  # (num_tokens, K)
+    dropped = (occupies & ~keep).sum()
+    kept = occupies & keep
+    tokens_per_expert = torch.zeros(num_experts, device=top_k_index.device).index_add_(
+        0, top_k_index[kept], torch.ones(int(kept.sum()), device=top_k_index.device)
+    )
+    return top_k_weights * keep.to(top_k_weights.dtype), dropped, tokens_per_expert
+
+
+def limit_expert_capacity(
+    router_output: RouterOutput,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    capacity_factor: float,
+    experts_per_token: int,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """`expert_capacity_factor` of a MoE layer: in training, skip the assignments over each expert's capacity.
+
+    The capacity is [`expert_capacity`] of the call's non-padding tokens. Sets `router_output.dropped_tokens` (0 in
+    evaluation, which never drops a token so that cached and uncached generation agree) and, in training,
+    `router_output.tokens_per_expert` to the tokens the experts kept. Returns the (possibly zeroed) weights.
+    """
+    if not training:
+        router_output.dropped_tokens = torch.zeros((), dtype=torch.long, device=top_k_index.device)
+        return top_k_weights
+    num_tokens = top_k_index.size(0) if token_mask is None else int(token_mask.sum())
+    capacity = expert_capacity(capacity_factor, experts_per_token, num_tokens, num_experts)
+    top_k_weights, dropped, tokens_per_expert = apply_expert_capacity(
+        top_k_index, top_k_weights, num_experts, capacity, token_mask
+    )
+    router_output.dropped_tokens = dropped
+    router_output.tokens_per_expert = tokens_per_expert
+    return top_k_weights

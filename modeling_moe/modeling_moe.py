@@ -27,9 +27,11 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .balanced_gating import BalancedRouter
 from .configuration_moe import MoEConfig
 from .expert_statistics import ExpertStatistics
-from .gating import RouterOutput, TopKRouter, router_from_config
+from .fast_experts import FAST_EXPERTS_IMPLEMENTATION  # also registers it in transformers' experts interface
+from .gating import RouterOutput, TopKRouter, limit_expert_capacity, router_from_config
 
 
 class MoERMSNorm(nn.Module):
@@ -272,6 +274,9 @@ class MoESparseBlock(nn.Module):
         super().__init__()
         self.gate = router_from_config(config)
         self.experts = MoEGatedExperts(config) if config.expert_activation == "swiglu" else MoEExperts(config)
+        self.num_experts = config.num_experts
+        self.experts_per_token = config.experts_per_token
+        self.expert_capacity_factor = config.expert_capacity_factor
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
@@ -281,6 +286,17 @@ class MoESparseBlock(nn.Module):
         flat_hidden_states = hidden_states.reshape(-1, hidden_dim)  # (num_tokens, hidden)
         flat_mask = token_mask.reshape(-1) if token_mask is not None else None
         _, top_k_weights, top_k_index, router_output = self.gate(flat_hidden_states, flat_mask)
+        if self.expert_capacity_factor is not None:
+            top_k_weights = limit_expert_capacity(
+                router_output,
+                top_k_index,
+                top_k_weights,
+                self.expert_capacity_factor,
+                self.experts_per_token,
+                self.num_experts,
+                flat_mask,
+                self.training,
+            )
         expert_output = self.experts(flat_hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         return expert_output.reshape(batch_size, sequence_length, hidden_dim), router_output
 
@@ -371,10 +387,18 @@ class MoEPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(TopKRouter, index=0),
+        # Every MoE block's router, whatever its type (the hierarchical router's inner gates are not recorded).
+        "router_logits": OutputRecorder(target_class=None, index=0, class_name="mlp.gate"),
         "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
         "attentions": OutputRecorder(MoEAttention, index=1),
     }
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Default to the fused experts of `fast_experts.py` (`"moe_fused"`) when none was requested; any registered
+        name (`"eager"`, `"grouped_mm"`, `"batched_mm"`, ...) still wins when given."""
+        if requested_experts is None:
+            requested_experts = FAST_EXPERTS_IMPLEMENTATION
+        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -386,6 +410,10 @@ class MoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MoEGatedExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, BalancedRouter):
+            # Random W_g: at zero every softmax gate ties and all experts would take the same tokens (SPEC §5).
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.threshold)
         elif isinstance(module, TopKRouter):
             # SPEC §2: both gate matrices start at zero.
             init.zeros_(module.weight)
@@ -438,6 +466,20 @@ def _sum_router_outputs(router_outputs: list[RouterOutput], like: torch.Tensor) 
         importance_loss = importance_loss + router_output.importance_loss
         load_loss = load_loss + router_output.load_loss
     return importance_loss, load_loss
+
+
+def _aux_loss_share(labels: torch.Tensor, loss_kwargs: dict) -> torch.Tensor | float:
+    """Weight of this batch's balancing losses when the LM loss is a share of a larger (accumulated) batch.
+
+    Under gradient accumulation Trainer passes `num_items_in_batch` (the label count of all micro-batches) and no
+    longer divides the loss by the number of micro-batches; weighting each micro-batch's balancing losses by its share
+    of the labels makes them add up to a label-weighted mean, as the LM loss does. Outside Trainer the weight is 1.
+    """
+    num_items_in_batch = loss_kwargs.get("num_items_in_batch")
+    if num_items_in_batch is None:
+        return 1.0
+    local_items = (labels[..., 1:] != -100).sum()  # the labels the causal LM loss counts (shifted by one)
+    return local_items.to(torch.float32) / torch.as_tensor(num_items_in_batch, dtype=torch.float32).clamp(min=1)
 
 
 class MoEModel(MoEPreTrainedModel):
@@ -594,7 +636,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         lm_loss = loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-            loss = lm_loss + outputs.aux_loss.to(lm_loss.device)
+            loss = lm_loss + outputs.aux_loss.to(lm_loss.device) * _aux_loss_share(labels, kwargs)
 
         return MoECausalLMOutputWithPast(
             loss=loss,

@@ -326,3 +326,38 @@ def test_fp16_and_bf16_forward_is_finite():
         ids = _ids()
         out = model(input_ids=ids, labels=ids)
         assert torch.isfinite(out.loss) and torch.isfinite(out.logits).all(), dtype
+
+
+def test_trainer_trains_and_predicts_logits(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids = _ids(batch=8, length=12)
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=_model(), args=args, train_dataset=dataset, eval_dataset=dataset)
+    trainer.train()
+    prediction = trainer.predict(dataset)
+    # Only the logits come back as predictions; the balancing losses and router outputs are not gathered.
+    assert prediction.predictions.shape == (8, 12, 97)
+    assert prediction.metrics["test_loss"] > 0
+
+
+def test_balancing_losses_are_weighted_like_the_lm_loss_under_gradient_accumulation():
+    model = _model().eval()
+    ids = _ids()
+    whole = model(input_ids=ids, labels=ids)
+    labelled = ids[:, 1:].numel()
+    # Trainer passes the label count of all accumulated micro-batches; this one holds a quarter of them.
+    share = model(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(4 * labelled))
+    assert torch.allclose(share.aux_loss, whole.aux_loss)
+    assert torch.allclose(share.loss, share.lm_loss + whole.aux_loss / 4)
+    assert torch.allclose(share.lm_loss, whole.lm_loss / 4)

@@ -1,0 +1,444 @@
+"""`moe-bench`: speed and memory of the MoE layer and model against the dense equivalent and transformers' paths.
+
+Layer mode (SPEC §6-7: "capacity at nearly constant cost per token"): for every (experts, k, tokens) it times
+forward+backward of one MoE layer (a softmax top-k gate and the experts, through each experts implementation) and of
+the dense feed-forward layer with the same active parameters (hidden `k * expert_hidden`), interleaving the variants
+and taking the median of the repeats, and reports tokens/s, the ratio of each time to the dense one, the speed-up of
+`moe_fused` over transformers' `eager` and `grouped_mm`, and memory: the bytes saved for backward (exact, any device)
+and, on CUDA, the peak allocated memory.
+
+Model mode: training (forward+backward) and greedy generation tokens/s of `MoEForCausalLM` against transformers'
+`OlmoeForCausalLM` at matching sizes (SwiGLU experts, like OLMoE's, unless `--activation relu`).
+
+    moe-bench --quick                       # tiny sizes, a few seconds
+    moe-bench --experts 8 64 256 1024 --top-k 4 --tokens 4096 --device cpu
+    moe-bench --mode model --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..configuration_moe import MoEConfig
+from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION
+from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYER_IMPLEMENTATIONS = (FAST_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_times(variants: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time of each variant; one warm-up each, then the variants interleaved in every repeat."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `fn` builds its graph."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    out.float().sum().backward()
+    return sum(storages.values())
+
+
+def _peak_cuda_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+class _DenseFFN(nn.Module):
+    """The dense equivalent of a MoE layer: one FFN of hidden `k * expert_hidden`, the experts' activation."""
+
+    def __init__(self, hidden: int, intermediate: int, gated: bool) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, (2 if gated else 1) * intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gated = gated
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(nn.functional.silu(gate) * up)
+        return self.down(torch.relu(h))
+
+
+class _MoELayer(nn.Module):
+    """A softmax top-k gate (SPEC §2 without noise) and the experts, dispatched by `config._experts_implementation`."""
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = MoEGatedExperts(config) if config.expert_activation == "swiglu" else MoEExperts(config)
+        self.top_k = config.num_experts_per_tok
+        for weight in self.experts.parameters():
+            nn.init.normal_(weight, std=config.hidden_size**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.gate(x)
+        top_logits, top_index = logits.topk(self.top_k, dim=-1)
+        return self.experts(x, top_index, torch.softmax(top_logits.float(), dim=-1).to(x.dtype))
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    gated = args.activation == "swiglu"
+    for num_experts in args.experts:
+        for top_k in args.top_k:
+            if top_k > num_experts:
+                continue
+            for num_tokens in args.tokens:
+                torch.manual_seed(0)
+                config = MoEConfig(
+                    hidden_size=args.hidden,
+                    num_attention_heads=1,
+                    num_experts=num_experts,
+                    num_experts_per_tok=top_k,
+                    expert_intermediate_size=args.expert_hidden,
+                    expert_activation=args.activation,
+                )
+                layer = _MoELayer(config).to(device=device, dtype=dtype)
+                dense = _DenseFFN(args.hidden, top_k * args.expert_hidden, gated).to(device=device, dtype=dtype)
+                x = torch.randn(num_tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+                params = [x, *layer.parameters(), *dense.parameters()]
+
+                def step(
+                    module: nn.Module, implementation: str | None = None, config=config, x=x, params=params
+                ) -> Callable[[], None]:
+                    def run() -> None:
+                        if implementation is not None:
+                            config._experts_implementation_internal = implementation
+                        for p in params:
+                            p.grad = None
+                        module(x).float().sum().backward()
+
+                    return run
+
+                variants = {"dense": step(dense)}
+                for name in args.implementations:
+                    if name == "eager" and num_experts > args.eager_max_experts:
+                        continue
+                    variants[name] = step(layer, name)
+                times = _median_times(variants, args.repeats, device)
+                memory = {}
+                for name in variants:
+                    impl = None if name == "dense" else name
+                    module = dense if name == "dense" else layer
+                    if impl is not None:
+                        config._experts_implementation_internal = impl
+                    memory[name] = (_saved_bytes(lambda m=module, x=x: m(x)), _peak_cuda_bytes(variants[name], device))
+                config._experts_implementation_internal = FAST_EXPERTS_IMPLEMENTATION
+                config.expert_recompute_activations = True
+                recompute_time = _median_times({"r": variants[FAST_EXPERTS_IMPLEMENTATION]}, args.repeats, device)["r"]
+                recompute_memory = (
+                    _saved_bytes(lambda m=layer, x=x: m(x)),
+                    _peak_cuda_bytes(variants[FAST_EXPERTS_IMPLEMENTATION], device),
+                )
+                config.expert_recompute_activations = False
+                fused = times[FAST_EXPERTS_IMPLEMENTATION]
+                row = {
+                    "experts": num_experts,
+                    "k": top_k,
+                    "tokens": num_tokens,
+                    "times": times,
+                    "memory": memory,
+                    "recompute_time": recompute_time,
+                    "recompute_memory": recompute_memory,
+                    "fused_tokens_per_s": num_tokens / fused,
+                    "dense_tokens_per_s": num_tokens / times["dense"],
+                }
+                rows.append(row)
+                print(_layer_table([row], args, header=not rows[:-1]), flush=True)
+                del layer, dense, x, params, variants
+                gc.collect()
+    return rows
+
+
+def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True) -> str:
+    mib = 2**20
+    lines = []
+    if header:
+        lines += [
+            "| experts | k | tokens | moe_fused tok/s | dense tok/s | fused / dense | grouped_mm / dense | eager / dense "
+            "| fused speed-up vs grouped_mm | vs eager | saved for bwd MiB (incl. weights): dense / fused / fused+recompute "
+            "| recompute time / fused | CUDA peak MiB: dense / fused / fused+recompute |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
+    for row in rows:
+        t, mem = row["times"], row["memory"]
+        fused, dense = t[FAST_EXPERTS_IMPLEMENTATION], t["dense"]
+        grouped, eager = t.get("grouped_mm"), t.get("eager")
+        saved = f"{mem['dense'][0] / mib:.1f} / {mem[FAST_EXPERTS_IMPLEMENTATION][0] / mib:.1f} / "
+        saved += f"{row['recompute_memory'][0] / mib:.1f}"
+        peaks = (mem["dense"][1], mem[FAST_EXPERTS_IMPLEMENTATION][1], row["recompute_memory"][1])
+        peak = "-" if peaks[0] is None else " / ".join(f"{p / mib:.0f}" for p in peaks)
+        lines.append(
+            f"| {row['experts']} | {row['k']} | {row['tokens']} | {row['fused_tokens_per_s']:.0f} "
+            f"| {row['dense_tokens_per_s']:.0f} | {fused / dense:.2f} "
+            f"| {_fmt(grouped / dense if grouped else None)} | {_fmt(eager / dense if eager else None)} "
+            f"| {_fmt(grouped / fused if grouped else None)} | {_fmt(eager / fused if eager else None)} "
+            f"| {saved} | {row['recompute_time'] / fused:.2f} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    common = {
+        "vocab_size": args.vocab,
+        "hidden_size": args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.heads,
+        "max_position_embeddings": args.seq_len + args.new_tokens + 8,
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+    }
+    torch.manual_seed(0)
+    olmoe = OlmoeForCausalLM(
+        OlmoeConfig(**common, intermediate_size=args.expert_hidden, norm_topk_prob=True, router_aux_loss_coef=0.01)
+    )
+    olmoe.config.output_router_logits = True  # its load-balancing loss, as ours is always on in training
+    ours = MoEForCausalLM(
+        MoEConfig(**common, expert_intermediate_size=args.expert_hidden, expert_activation=args.activation)
+    )
+    return ours, olmoe
+
+
+def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    for num_experts in args.experts:
+        for top_k in args.top_k:
+            if top_k > num_experts:
+                continue
+            ours, olmoe = _olmoe_and_moe(args, num_experts, top_k)
+            models = {
+                f"MoEForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": ours,
+                f"OlmoeForCausalLM ({olmoe.config._experts_implementation})": olmoe,
+            }
+            for model in models.values():
+                model.to(device=device, dtype=dtype)
+            ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+            prompt = ids[:, : max(1, args.seq_len // 4)]
+
+            def train_step(model: nn.Module, ids: torch.Tensor = ids) -> Callable[[], None]:
+                def run() -> None:
+                    model.train()
+                    model.zero_grad(set_to_none=True)
+                    model(input_ids=ids, labels=ids).loss.backward()
+
+                return run
+
+            def generate(model: nn.Module, prompt: torch.Tensor = prompt) -> Callable[[], None]:
+                def run() -> None:
+                    model.eval()
+                    with torch.no_grad():
+                        model.generate(
+                            prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+                        )
+
+                return run
+
+            train = _median_times({n: train_step(m) for n, m in models.items()}, args.repeats, device)
+            gen = _median_times({n: generate(m) for n, m in models.items()}, args.repeats, device)
+            for name in models:
+                rows.append(
+                    {
+                        "model": name,
+                        "experts": num_experts,
+                        "k": top_k,
+                        "train_tokens_per_s": args.batch * args.seq_len / train[name],
+                        "generate_tokens_per_s": args.batch * args.new_tokens / gen[name],
+                    }
+                )
+            print(_model_table(rows[-len(models) :], header=len(rows) == len(models)), flush=True)
+            del ours, olmoe, models
+            gc.collect()
+    return rows
+
+
+def _model_table(rows: list[dict], header: bool = True) -> str:
+    lines = []
+    if header:
+        lines += ["| model | experts | k | training tok/s | greedy generation tok/s |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['experts']} | {row['k']} | {row['train_tokens_per_s']:.0f} "
+            f"| {row['generate_tokens_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (top_k, tokens), group in _groups(rows).items():
+        experts = [r["experts"] for r in group]
+        for name, style in ((FAST_EXPERTS_IMPLEMENTATION, "o-"), ("grouped_mm", "s--"), ("eager", "^:")):
+            points = [(e, tokens / r["times"][name]) for e, r in zip(experts, group, strict=True) if name in r["times"]]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=f"{name} k={top_k} T={tokens}")
+        ax.plot(experts, [r["dense_tokens_per_s"] for r in group], "k-", alpha=0.4, label=f"dense k={top_k} T={tokens}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of experts")
+    ax.set_ylabel("tokens/s (forward + backward)")
+    ax.set_title("MoE layer vs dense FFN with the same active parameters")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _groups(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["k"], row["tokens"]), []).append(row)
+    return groups
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, so a failed run leaves no half-written output."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="moe-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("layer", "model", "both"), default="layer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--top-k", type=int, nargs="+", default=[4])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per layer call (layer mode)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--expert-hidden", type=int, default=1024)
+    parser.add_argument("--activation", choices=("relu", "swiglu"), default=None, help="relu (layer) / swiglu (model)")
+    parser.add_argument("--implementations", nargs="+", default=list(LAYER_IMPLEMENTATIONS))
+    parser.add_argument("--eager-max-experts", type=int, default=256, help="skip the (slow) eager path above this")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=2, help="model mode: decoder layers")
+    parser.add_argument("--heads", type=int, default=8, help="model mode: attention heads")
+    parser.add_argument("--vocab", type=int, default=8192, help="model mode: vocabulary size")
+    parser.add_argument("--batch", type=int, default=8, help="model mode: sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=256, help="model mode: training sequence length")
+    parser.add_argument("--new-tokens", type=int, default=32, help="model mode: greedy tokens generated")
+    parser.add_argument("--output-dir", type=Path, default=Path("benchmark_results"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke run of a few seconds")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.experts, args.top_k, args.tokens, args.repeats = [4, 16], [2], [64], 2
+        args.hidden, args.expert_hidden, args.layers, args.heads = 32, 64, 1, 4
+        args.vocab, args.batch, args.seq_len, args.new_tokens = 128, 2, 16, 4
+    for name in ("experts", "top_k", "tokens"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            parser.error(f"--{name.replace('_', '-')} values must be positive, got {bad}")
+    for name in ("hidden", "expert_hidden", "repeats", "layers", "heads", "vocab", "batch", "seq_len", "new_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.hidden % args.heads != 0:
+        parser.error(f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads})")
+    unknown = [name for name in args.implementations if name not in LAYER_IMPLEMENTATIONS + ("batched_mm",)]
+    if unknown or FAST_EXPERTS_IMPLEMENTATION not in args.implementations:
+        parser.error(
+            f"--implementations must include {FAST_EXPERTS_IMPLEMENTATION!r} and be among "
+            f"{LAYER_IMPLEMENTATIONS + ('batched_mm',)}, got {args.implementations}"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine.")
+    dtype = DTYPES[args.dtype]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    machine = _machine(device)
+    print(f"# moe-bench on {machine}, {args.dtype}", flush=True)
+    if args.mode in ("layer", "both"):
+        layer_args = argparse.Namespace(**vars(args))
+        layer_args.activation = args.activation or "relu"
+        rows = run_layer_benchmark(layer_args, device, dtype)
+        text = (
+            f"MoE layer forward+backward, {machine}, {args.dtype}, hidden {args.hidden}, expert hidden "
+            f"{args.expert_hidden}, {layer_args.activation} experts, median of {args.repeats} interleaved repeats.\n\n"
+            f"{_layer_table(rows, layer_args)}\n"
+        )
+        _atomic_write(args.output_dir / "benchmark_layer.md", lambda p: Path(p).write_text(text))
+        _plot(rows, args.output_dir / "benchmark_layer.png")
+    if args.mode in ("model", "both"):
+        model_args = argparse.Namespace(**vars(args))
+        model_args.activation = args.activation or "swiglu"
+        rows = run_model_benchmark(model_args, device, dtype)
+        text = (
+            f"Whole model, {machine}, {args.dtype}: {args.layers} layers, hidden {args.hidden}, expert hidden "
+            f"{args.expert_hidden}, {model_args.activation} experts, vocab {args.vocab}; training on "
+            f"{args.batch}x{args.seq_len} tokens, greedy generation of {args.new_tokens} tokens for {args.batch} "
+            f"prompts; median of {args.repeats} interleaved repeats.\n\n{_model_table(rows)}\n"
+        )
+        _atomic_write(args.output_dir / "benchmark_model.md", lambda p: Path(p).write_text(text))
+    print(f"wrote {args.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

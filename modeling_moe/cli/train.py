@@ -1,0 +1,544 @@
+"""`moe-train`: pretrain a sparsely-gated MoE language model from a config file, or fine-tune a saved one, with the
+Transformers `Trainer`; log the experts' balance, evaluate, generate a sample and write / push a Hub-ready folder.
+
+In the spirit of transformers' `examples/pytorch/language-modeling/run_clm.py`:
+
+    moe-train --config configs/tiny.json --output_dir runs/tiny --max_steps 300 --dry_run
+    moe-train --model_name_or_path runs/tiny --train_file my.txt --output_dir runs/ft --lora --merge
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..configuration_moe import MoEConfig
+from ..expert_parallel import (
+    EXPERT_PARALLEL_TRAINING_ARGS,
+    from_config_expert_parallel,
+    from_pretrained_expert_parallel,
+    init_distributed,
+    local_expert_parameters,
+    validate_expert_parallel_size,
+)
+from ..modeling_moe import MoEForCausalLM
+from ..training.arguments import (
+    DataArguments,
+    ModelArguments,
+    RunArguments,
+    check_config_fields,
+    load_config_file,
+    parse_overrides,
+)
+from ..training.callbacks import add_expert_balance_callback, unwrap_moe_model
+from ..training.data import (
+    DEFAULT_CORPUS_NAME,
+    iter_texts,
+    load_raw_datasets,
+    resolve_text_column,
+    tokenize_and_pack,
+    train_bpe_tokenizer,
+)
+from ..training.evaluation import (
+    EVAL_IGNORE_KEYS,
+    build_compute_metrics,
+    format_table,
+    parameter_counts,
+    preprocess_logits_for_metrics,
+    summary_rows,
+)
+from ..training.hub import render_model_card, upload_hub_folder, write_hub_folder
+
+logger = logging.getLogger("modeling_moe.train")
+
+# Written last when a model folder is moved into place: until they exist the folder does not load.
+_MARKER_FILES = ("config.json", "adapter_config.json")
+# Under `--expert_parallel`: where rank 0 puts the tokenizer and the initial weights every rank loads, and the staging
+# folder the gathered final model is written to (fixed names: every rank must agree on them without talking).
+_EP_INIT_DIR = ".ep-init"
+_EP_STAGING_DIR = ".tmp-save-ep"
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail early, naming the folder, when `output_dir` cannot be created or written to."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"`output_dir` {output_dir!r} is not writable: {error}") from error
+
+
+def save_atomically(save: Any, output_dir: str) -> None:
+    """Run `save(staging_dir)` in a temporary folder inside `output_dir`, then move the files into `output_dir`.
+
+    A failure while saving leaves `output_dir` without a loadable model: the config files are removed first and moved
+    in last, and `from_pretrained` needs them.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tmp-save-", dir=output_dir)
+    try:
+        save(staging)
+        _move_into(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: str, output_dir: str) -> None:
+    """Move the files of `staging` into `output_dir`, the marker (config) files removed first and moved in last."""
+    for marker in _MARKER_FILES:
+        target = os.path.join(output_dir, marker)
+        if os.path.exists(target):
+            os.remove(target)
+    names = sorted(os.listdir(staging), key=lambda name: name in _MARKER_FILES)
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+
+
+def save_expert_parallel(trainer: Trainer, tokenizer, output_dir: str) -> None:
+    """`save_atomically` for a model sharded over ranks: every rank joins the gather, only rank 0 touches `output_dir`.
+
+    `Trainer.save_model` of a model sharded at load time runs `save_pretrained` on every rank (the weights are gathered
+    collectively) and rank 0 writes one ordinary checkpoint, into a staging folder; rank 0 then adds the tokenizer and
+    moves the files into `output_dir`. The barriers keep the other ranks from going on (or exiting) before it is done.
+    """
+    staging = os.path.join(output_dir, _EP_STAGING_DIR)
+    is_main = dist.get_rank() == 0
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    try:
+        trainer.save_model(staging)
+        dist.barrier()
+        if is_main:
+            tokenizer.save_pretrained(staging)
+            _move_into(staging, output_dir)
+    finally:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+
+
+def _num_experts(model_args: ModelArguments) -> int:
+    """`num_experts` of the model to be trained, read before anything is built (for early `--expert_parallel` checks)."""
+    if model_args.config is not None:
+        fields = load_config_file(model_args.config)
+        fields.update(parse_overrides(model_args.config_overrides))
+        return fields.get("num_experts", MoEConfig().num_experts)
+    if model_args.model_name_or_path is None:
+        raise ValueError("Pass exactly one of `--config` (train from scratch) or `--model_name_or_path` (fine-tune).")
+    return MoEConfig.from_pretrained(model_args.model_name_or_path).num_experts
+
+
+def setup_expert_parallel(model_args: ModelArguments, run_args: RunArguments, training_args: TrainingArguments) -> int:
+    """Check `--expert_parallel N`, join the process group (bounded timeout) and set the Trainer arguments it needs.
+
+    Returns `N`. Fails early, naming the option, for what an expert-parallel run does not support: LoRA (PEFT on an
+    FSDP2-sharded model) and resuming (Trainer cannot checkpoint the optimizer of a model sharded at load time).
+    """
+    size = run_args.expert_parallel
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"`expert_parallel` must be a positive integer, got {size!r}.")
+    if size == 1:
+        return size
+    resume = training_args.resume_from_checkpoint
+    unsupported = [
+        name
+        for name, used in (
+            ("--lora", run_args.lora),
+            ("--resume_from_checkpoint", resume is not None and str(resume).lower() not in ("false", "none", "")),
+        )
+        if used
+    ]
+    if unsupported:
+        raise ValueError(
+            f"`--expert_parallel {size}` does not support {' and '.join(unsupported)}: train without expert "
+            "parallelism for LoRA, and start from a saved model (`--model_name_or_path`) instead of resuming."
+        )
+    validate_expert_parallel_size(size, _num_experts(model_args))
+    # Keep a `ddp_timeout` the user chose; replace only TrainingArguments' default (30 min) by the bounded one.
+    default_timeout = TrainingArguments.__dataclass_fields__["ddp_timeout"].default
+    if training_args.ddp_timeout == default_timeout:
+        training_args.ddp_timeout = EXPERT_PARALLEL_TRAINING_ARGS["ddp_timeout"]
+    for name, value in EXPERT_PARALLEL_TRAINING_ARGS.items():
+        if name != "ddp_timeout":
+            setattr(training_args, name, value)
+    init_distributed(training_args.ddp_timeout)
+    return size
+
+
+def _resolve_resume(training_args: TrainingArguments) -> str | None:
+    resume = training_args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("false", "none", ""):
+        return None
+    if str(resume).lower() in ("true", "last", "latest"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"`resume_from_checkpoint`: no checkpoint found in {training_args.output_dir!r}.")
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder.")
+    return resume
+
+
+def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, text_column: str, target_vocab: int):
+    """The tokenizer: named, from the checkpoint being resumed, the fine-tuned model's, or a BPE trained on the data."""
+    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
+    if model_args.tokenizer_name is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **hub_kwargs)
+    elif resume is not None and os.path.isfile(os.path.join(resume, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(resume)
+    elif model_args.model_name_or_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+    else:
+        vocab_size = model_args.tokenizer_vocab_size or target_vocab
+        logger.info("Training a byte-level BPE tokenizer (vocab %d) on the training text", vocab_size)
+        texts = iter_texts(raw_train, text_column, max_chars=model_args.tokenizer_train_max_chars)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, model_max_length=1_000_000)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(
+    model_args: ModelArguments, tokenizer, expert_parallel: int = 1, init_dir: str | None = None
+) -> torch.nn.Module:
+    """A fresh `MoEForCausalLM` from `--config` (+ overrides), or the model of `--model_name_or_path`.
+
+    With `expert_parallel > 1` (every rank calls it) the experts are sharded over the ranks at load time; from scratch,
+    rank 0 initializes the model and writes it to `init_dir`, which every rank then loads.
+    """
+    if (model_args.config is None) == (model_args.model_name_or_path is None):
+        raise ValueError("Pass exactly one of `--config` (train from scratch) or `--model_name_or_path` (fine-tune).")
+    extra = {}
+    if model_args.experts_implementation is not None:
+        extra["experts_implementation"] = model_args.experts_implementation
+    if model_args.config is not None:
+        fields = check_config_fields(
+            load_config_file(model_args.config), MoEConfig, f"config file {model_args.config!r}"
+        )
+        fields.update(
+            check_config_fields(parse_overrides(model_args.config_overrides), MoEConfig, "`config_overrides`")
+        )
+        fields.update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = MoEConfig(**fields)
+        if expert_parallel > 1:
+            return from_config_expert_parallel(config, expert_parallel, init_dir, **extra)
+        model = MoEForCausalLM(config)
+        if extra:
+            model.set_experts_implementation(extra["experts_implementation"])
+        return model
+    if model_args.config_overrides:
+        raise ValueError("`config_overrides` only applies when training from scratch with `--config`.")
+    if expert_parallel > 1:
+        model = from_pretrained_expert_parallel(
+            model_args.model_name_or_path,
+            expert_parallel,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            token=model_args.token,
+            **extra,
+        )
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}; "
+                "resizing the embeddings is not supported with `--expert_parallel`: resize in a single process first."
+            )
+        return model
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+        **extra,
+    )
+    unwrap_moe_model(model)  # raises a clear error for a model that is not a sparsely-gated MoE
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def apply_lora(model: torch.nn.Module, run_args: RunArguments) -> torch.nn.Module:
+    """LoRA on the attention projections and, through `target_parameters`, on the fused 3-D expert weights."""
+    from peft import LoraConfig, get_peft_model
+
+    target_parameters = None
+    if run_args.lora_experts:
+        up = "gate_up_proj" if model.config.expert_activation == "swiglu" else "up_proj"
+        target_parameters = [f"mlp.experts.{up}", "mlp.experts.down_proj"]
+    lora_config = LoraConfig(
+        r=run_args.lora_r,
+        lora_alpha=run_args.lora_alpha,
+        lora_dropout=run_args.lora_dropout,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        target_parameters=target_parameters,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def generate_sample(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+    """A sampled continuation of `prompt` (temperature 0.8, top-p 0.95, seeded so a run prints the same sample)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.95,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    model.train(was_training)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def dataset_description(data_args: DataArguments) -> tuple[list[str] | None, str]:
+    if data_args.dataset_name is not None:
+        name = data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+        return [data_args.dataset_name], name
+    if data_args.train_file is not None:
+        return None, f"local files ({os.path.basename(data_args.train_file)})"
+    return (
+        None,
+        f"{DEFAULT_CORPUS_NAME} (the Python {sys.version_info.major}.{sys.version_info.minor} documentation topics, pydoc_data)",
+    )
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json") and "--" not in argv[0]:
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(yaml_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the main job; returns the metrics, the paths written, the sample and the log history."""
+    model_args, data_args, run_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+    push = training_args.push_to_hub
+    # The Trainer would create the repo at init and push every checkpoint; this CLI pushes the final folder itself.
+    training_args.push_to_hub = False
+    if run_args.merge and not run_args.lora:
+        raise ValueError("`--merge` merges LoRA adapters: pass it together with `--lora`.")
+    expert_parallel = setup_expert_parallel(model_args, run_args, training_args)
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    check_output_dir(training_args.output_dir)
+    resume = _resolve_resume(training_args)
+    set_seed(training_args.seed)
+
+    # Data, then the tokenizer (the BPE is trained on the training text), then the model.
+    raw = load_raw_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file,
+        validation_file=data_args.validation_file,
+        validation_split_percentage=data_args.validation_split_percentage,
+        streaming=data_args.streaming,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
+    text_column = resolve_text_column(raw["train"], data_args.text_column_name)
+    resolve_text_column(raw["validation"], text_column)
+    target_vocab = 8192
+    if model_args.config is not None:
+        target_vocab = int(load_config_file(model_args.config).get("vocab_size", target_vocab))
+    init_dir = os.path.join(training_args.output_dir, _EP_INIT_DIR)
+    if expert_parallel > 1:
+        # Every rank must use the same tokenizer (and so the same vocab_size): rank 0 builds (or trains) it and writes
+        # it to `init_dir`, every rank loads that copy.
+        if is_main:
+            shutil.rmtree(init_dir, ignore_errors=True)
+            build_tokenizer(model_args, resume, raw["train"], text_column, target_vocab).save_pretrained(init_dir)
+        dist.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    else:
+        tokenizer = build_tokenizer(model_args, resume, raw["train"], text_column, target_vocab)
+    model = build_model(model_args, tokenizer, expert_parallel, init_dir)
+    if expert_parallel > 1:
+        dist.barrier()  # every rank has loaded its shard from `init_dir`
+        if is_main:
+            shutil.rmtree(init_dir, ignore_errors=True)
+        shapes = {name: list(shape) for name, shape in local_expert_parameters(model).items()}
+        logger.info(
+            "expert parallel: rank %d of %d holds local expert weights %s",
+            dist.get_rank(),
+            dist.get_world_size(),
+            json.dumps(shapes),
+        )
+    config = model.config
+    block_size = data_args.block_size or min(128, config.max_position_embeddings)
+    if block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"`block_size` ({block_size}) is larger than the model's max_position_embeddings "
+            f"({config.max_position_embeddings})."
+        )
+    if run_args.lora:
+        model = apply_lora(model, run_args)
+
+    with training_args.main_process_first(desc="tokenizing and packing"):
+        packed = tokenize_and_pack(raw, tokenizer, text_column, block_size, data_args.preprocessing_num_workers)
+    train_dataset, eval_dataset = packed["train"], packed["validation"]
+    if data_args.max_train_samples is not None:
+        train_dataset = (
+            train_dataset.take(data_args.max_train_samples)
+            if data_args.streaming
+            else train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
+        )
+    if data_args.max_eval_samples is not None:
+        eval_dataset = (
+            eval_dataset.take(data_args.max_eval_samples)
+            if data_args.streaming
+            else eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
+        )
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+    balance = add_expert_balance_callback(trainer)
+
+    train_result = trainer.train(resume_from_checkpoint=resume, ignore_keys_for_eval=EVAL_IGNORE_KEYS)
+    metrics: dict[str, Any] = dict(train_result.metrics)
+    base_model = unwrap_moe_model(trainer.model)
+    if expert_parallel > 1:
+        # Gathered on rank 0 into one ordinary checkpoint. Rank 0 reloads it in a single process for everything that
+        # needs the whole model outside a collective (parameter counts, the sample, the Hub export).
+        save_expert_parallel(trainer, tokenizer, training_args.output_dir)
+        base_model = MoEForCausalLM.from_pretrained(training_args.output_dir) if is_main else None
+        counts = [parameter_counts(base_model) if is_main else None]
+        dist.broadcast_object_list(counts, src=0)
+        counts = counts[0]
+    else:
+        counts = parameter_counts(base_model)
+        # Final model (or LoRA adapters) + tokenizer, moved into output_dir only once fully written.
+        save_atomically(lambda d: (trainer.save_model(d), tokenizer.save_pretrained(d)), training_args.output_dir)
+    metrics.update(counts)
+    trainer.log_metrics("train", train_result.metrics)
+
+    if not run_args.skip_eval:
+        eval_metrics = trainer.evaluate(ignore_keys=EVAL_IGNORE_KEYS)
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+
+    export_model = base_model
+    paths = {"output_dir": training_args.output_dir}
+    if run_args.lora and (run_args.merge or push or run_args.dry_run):
+        export_model = trainer.model.merge_and_unload()
+        if run_args.merge:
+            merged_dir = os.path.join(training_args.output_dir, "merged")
+            save_atomically(lambda d: (export_model.save_pretrained(d), tokenizer.save_pretrained(d)), merged_dir)
+            paths["merged_dir"] = merged_dir
+
+    sample = None
+    # Under expert parallelism only rank 0 samples, from its single-process copy (a sharded forward is a collective).
+    if run_args.sample_max_new_tokens > 0 and is_main:
+        sample = generate_sample(
+            export_model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens, seed=training_args.seed
+        )
+
+    if training_args.should_save and (push or run_args.dry_run):
+        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+        dataset_ids, description = dataset_description(data_args)
+        card = render_model_card(
+            export_model.config,
+            metrics,
+            counts,
+            repo_id=repo_id,
+            dataset_ids=dataset_ids,
+            dataset_description=description,
+            training_description=_training_description(training_args, metrics, block_size, run_args),
+        )
+        hub_dir = run_args.hub_export_dir or os.path.join(training_args.output_dir, "hub_export")
+        write_hub_folder(export_model, tokenizer, card, hub_dir, extra_files_from=training_args.output_dir)
+        paths["hub_dir"] = hub_dir
+        if push and not run_args.dry_run:
+            paths["hub_commit"] = upload_hub_folder(
+                hub_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
+            )
+
+    if training_args.should_log:
+        print("\n" + format_table(summary_rows(metrics, export_model.config, counts)) + "\n")
+        if sample is not None:
+            print(f"Sample ({run_args.sample_prompt!r}, sampled):\n{sample}\n")
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+    balance.detach()
+    if expert_parallel > 1:
+        dist.barrier()  # the other ranks wait for rank 0's export before the process group goes away
+        dist.destroy_process_group()
+    return {"metrics": metrics, "paths": paths, "sample": sample, "log_history": trainer.state.log_history}
+
+
+def _training_description(training_args: TrainingArguments, metrics: dict[str, Any], block_size: int, run_args) -> str:
+    steps = metrics.get("train_steps") or training_args.max_steps
+    tokens = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * block_size
+    parts = [
+        f"Trained with the Transformers `Trainer` for {metrics.get('epoch', float('nan')):.2f} epochs",
+        f"(max_steps={steps}), learning rate {training_args.learning_rate}, "
+        f"{tokens} tokens per step per device (blocks of {block_size}), seed {training_args.seed}.",
+    ]
+    if run_args.lora:
+        parts.append(f"LoRA (r={run_args.lora_r}, alpha={run_args.lora_alpha}) merged into the weights.")
+    if "train_loss" in metrics and math.isfinite(metrics["train_loss"]):
+        parts.append(f"Final mean training loss (LM + balancing): {metrics['train_loss']:.4f}.")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: `run(argv)`, exit status 0 (console scripts exit with what `main` returns)."""
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

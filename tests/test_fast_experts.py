@@ -1,0 +1,282 @@
+"""The fused experts path (modeling_moe/fast_experts.py) against the eager reference, its selection by name, the
+activation-recomputation option (SPEC §6) and a smoke run of the benchmark script."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
+from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
+from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _experts(activation: str, num_experts: int = 6, hidden: int = 16, intermediate: int = 24, **kwargs):
+    config = MoEConfig(
+        hidden_size=hidden,
+        num_attention_heads=1,
+        num_experts=num_experts,
+        num_experts_per_tok=min(2, num_experts),
+        expert_intermediate_size=intermediate,
+        expert_activation=activation,
+        **kwargs,
+    )
+    experts = (MoEGatedExperts if activation == "swiglu" else MoEExperts)(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in experts.parameters():
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.3)
+    return experts
+
+
+def _run(fn, experts, x, index, weights, dtype=torch.float32):
+    """Output and gradients (input, routing weights, expert weights) under a fixed random output gradient."""
+    x = x.detach().to(dtype).requires_grad_(True)
+    weights = weights.detach().to(dtype).requires_grad_(True)
+    for p in experts.parameters():
+        p.grad = None
+    out = fn(experts, x, index, weights)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (out * grad_out).sum().backward()
+    return [out.detach(), x.grad, weights.grad] + [p.grad for p in experts.parameters()]
+
+
+def _routing(num_tokens: int, num_experts: int, top_k: int, seed: int = 0, experts_used: int | None = None):
+    generator = torch.Generator().manual_seed(seed)
+    pool = experts_used or num_experts
+    index = torch.stack([torch.randperm(pool, generator=generator)[:top_k] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, top_k, generator=generator)
+    return index, weights
+
+
+def _assert_matches_eager(experts, x, index, weights, atol=1e-5):
+    reference = _run(_experts_eager_forward, experts, x, index, weights)
+    fused = _run(fused_experts_forward, experts, x, index, weights)
+    names = ["output", "grad input", "grad routing weights"] + [n for n, _ in experts.named_parameters()]
+    for name, a, b in zip(names, reference, fused, strict=True):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, atol=atol, rtol=1e-5), (name, (a - b).abs().max())
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize(
+    "case",
+    ["random", "empty_experts", "k_equals_n", "single_token", "sentinel", "unaligned_sizes", "skewed"],
+)
+def test_fused_matches_eager_forward_and_backward(activation, case):
+    torch.manual_seed(0)
+    num_experts, num_tokens, top_k, used = 6, 21, 2, None
+    hidden, intermediate = 16, 24
+    if case == "empty_experts":
+        used = 3  # experts 3..5 receive no token
+    elif case == "k_equals_n":
+        num_experts, top_k = 3, 3
+    elif case == "single_token":
+        num_tokens = 1
+    elif case == "unaligned_sizes":
+        hidden, intermediate = 15, 13  # strides no multiple of 16 bytes (no grouped_mm even on CUDA)
+    experts = _experts(activation, num_experts, hidden, intermediate)
+    x = torch.randn(num_tokens, hidden)
+    index, weights = _routing(num_tokens, num_experts, top_k, experts_used=used)
+    if case == "skewed":  # one expert takes most pairs: exercises the overflow bucket
+        index[: num_tokens - 3, 0] = 1
+        index[: num_tokens - 3, 1] = torch.where(index[: num_tokens - 3, 1] == 1, 2, index[: num_tokens - 3, 1])
+    if case == "sentinel":
+        index[0, 1] = num_experts  # expert-parallel sentinel: "on another rank", contributes zero
+        index[5, 0] = num_experts
+        index[5, 1] = num_experts  # a token with no local expert at all
+    _assert_matches_eager(experts, x, index, weights)
+    if case == "sentinel":
+        fused = _run(fused_experts_forward, experts, x, index, weights)
+        assert fused[2][0, 1] == 0 and (fused[2][5] == 0).all()  # no routing gradient through sentinels
+        assert (fused[0][5] == 0).all()
+
+
+def test_overflow_bucket_is_used_and_exact():
+    experts = _experts("relu", num_experts=8, hidden=16, intermediate=8)
+    num_tokens = 200
+    index, weights = _routing(num_tokens, 8, 2, seed=3)
+    index[:120, 0] = 5  # expert 5 takes far more rows than the others
+    index[:120, 1] = torch.where(index[:120, 1] == 5, 6, index[:120, 1])
+    dispatch = fast_experts._Dispatch(index, 8, torch.zeros(1, 16), experts.up_proj)
+    assert dispatch.overflow.tolist() == [5] and dispatch.num_rows < 8 * int(dispatch.offsets.diff().max())
+    _assert_matches_eager(experts, torch.randn(num_tokens, 16), index, weights)
+
+
+def test_generic_activation_falls_back_to_autograd():
+    experts = _experts("relu")
+    experts.act_fn = torch.nn.GELU()
+    x = torch.randn(9, 16)
+    index, weights = _routing(9, 6, 2)
+    _assert_matches_eager(experts, x, index, weights)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_bf16_runs_and_is_close(activation):
+    experts = _experts(activation, hidden=16, intermediate=32)
+    x = torch.randn(33, 16)
+    index, weights = _routing(33, 6, 2)
+    reference = _run(_experts_eager_forward, experts, x, index, weights)
+    experts.to(torch.bfloat16)
+    fused = _run(fused_experts_forward, experts, x, index, weights, dtype=torch.bfloat16)
+    eager = _run(_experts_eager_forward, experts, x, index, weights, dtype=torch.bfloat16)
+    assert all(t.dtype == torch.bfloat16 for t in fused)
+    for a, b, c in zip(reference, fused, eager, strict=True):
+        assert torch.isfinite(b).all()
+        # No worse than the eager path in bf16 (fp32 accumulation in the matmuls and the sum over the k slots).
+        assert (a - b.float()).norm() <= 1.5 * (a - c.float()).norm() + 1e-3 * a.norm()
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_recompute_gives_identical_gradients_and_saves_memory(activation):
+    experts = _experts(activation)
+    x = torch.randn(40, 16)
+    index, weights = _routing(40, 6, 2)
+    stored = _run(fused_experts_forward, experts, x, index, weights)
+
+    saved = {}
+    for recompute in (False, True):
+        experts.config.expert_recompute_activations = recompute
+        sizes = []
+
+        def pack(tensor, sizes=sizes):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            result = _run(fused_experts_forward, experts, x, index, weights)
+        saved[recompute] = sum(sizes)
+        for a, b in zip(stored, result, strict=True):
+            assert torch.equal(a, b)
+    # Without recomputation the (rows, intermediate) activations and gathered inputs are kept; with it, neither.
+    rows = 40 * 2
+    assert saved[False] - saved[True] >= rows * 24 * 4
+
+
+def test_recompute_config_field_is_validated():
+    assert MoEConfig().expert_recompute_activations is False
+    with pytest.raises(ValueError, match="expert_recompute_activations"):
+        MoEConfig(expert_recompute_activations="yes")
+
+
+def test_bad_routing_raises():
+    experts = _experts("relu")
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="negative expert id -1"):
+        fused_experts_forward(experts, x, torch.tensor([[0, -1]] * 3), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="top_k_index"):
+        fused_experts_forward(experts, x, torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 3))
+
+
+def _tiny_model(**kwargs):
+    config = MoEConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_experts=6,
+        num_experts_per_tok=2,
+        expert_intermediate_size=24,
+        router_type="softmax_top_k",
+        **kwargs,
+    )
+    torch.manual_seed(0)
+    model = MoEForCausalLM(config)
+    with torch.no_grad():  # the zero-initialised gate would route every token alike
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_selection_by_name_and_default(tmp_path, activation):
+    model = _tiny_model(expert_activation=activation)
+    assert model.config._experts_implementation == FAST_EXPERTS_IMPLEMENTATION  # the default
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for name in ("eager", "grouped_mm", "batched_mm", FAST_EXPERTS_IMPLEMENTATION):
+        loaded = MoEForCausalLM.from_pretrained(tmp_path, experts_implementation=name).train()
+        assert loaded.config._experts_implementation == name
+        out = loaded(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results[name] = (out.logits, {n: p.grad for n, p in loaded.named_parameters() if p.grad is not None})
+    assert MoEForCausalLM.from_pretrained(tmp_path).config._experts_implementation == FAST_EXPERTS_IMPLEMENTATION
+    eager_logits, eager_grads = results["eager"]
+    fused_logits, fused_grads = results[FAST_EXPERTS_IMPLEMENTATION]
+    assert torch.allclose(eager_logits, fused_logits, atol=1e-5)
+    assert eager_grads.keys() == fused_grads.keys()
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grad, fused_grads[name], atol=1e-5), name
+
+    model.set_experts_implementation("eager")
+    assert model.config._experts_implementation == "eager"
+    model.set_experts_implementation(FAST_EXPERTS_IMPLEMENTATION)
+    assert model.config._experts_implementation == FAST_EXPERTS_IMPLEMENTATION
+    with pytest.raises(ValueError, match="not_an_implementation"):
+        model.set_experts_implementation("not_an_implementation")
+
+
+def test_model_recompute_matches_stored():
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for recompute in (False, True):
+        model = _tiny_model(expert_recompute_activations=recompute).train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
+def test_registered_for_other_models():
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = OlmoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = OlmoeForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.set_experts_implementation("eager")
+    reference = model(input_ids=ids).logits
+    model.set_experts_implementation(FAST_EXPERTS_IMPLEMENTATION)
+    assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-5)
+
+
+def test_benchmark_quick_run_writes_its_tables(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--mode", "both", "--output-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    layer = (tmp_path / "benchmark_layer.md").read_text()
+    assert "| experts | k | tokens |" in layer and "\n| 16 | 2 | 64 |" in layer
+    model = (tmp_path / "benchmark_model.md").read_text()
+    assert "OlmoeForCausalLM" in model and "MoEForCausalLM" in model
+    assert (tmp_path / "benchmark_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_benchmark_rejects_bad_arguments(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--experts", "0", "--output-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr

@@ -1,0 +1,187 @@
+"""`scripts/train.py --expert_parallel 2` (issue 5): the training CLI on 2 CPU processes over gloo (torchrun).
+
+The 2-rank run is compared with the same CLI in one process on the same global batch (2 ranks x 2 blocks = 4 blocks
+of the same seeded shuffle; softmax top-k router, so no gate noise differs between the runs): same tokenizer, same losses,
+same evaluation numbers, same final weights; and its single checkpoint reloads in one process with the logits behind
+the evaluation it reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_moe import MoEForCausalLM
+from modeling_moe.cli import train as moe_train
+from modeling_moe.training.data import default_corpus, tokenize_and_pack
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_SIZE = 2
+BLOCK_SIZE, EVAL_BLOCKS, STEPS = 32, 8, 4
+LAUNCH_TIMEOUT_S = 150
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "expert_intermediate_size": 32,
+    "vocab_size": 320,
+    "router_type": "softmax_top_k",
+}
+SHARD_LOG = re.compile(r"expert parallel: rank (\d+) of (\d+) holds local expert weights (\{.*\})")
+
+
+def cli_args(output_dir: Path, config: Path, per_device_batch: int) -> list[str]:
+    args = {
+        "config": config,
+        "output_dir": output_dir,
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "per_device_train_batch_size": per_device_batch,
+        "per_device_eval_batch_size": 2,
+        "logging_steps": 1,
+        "learning_rate": "3e-3",
+        "save_strategy": "no",
+        "sample_max_new_tokens": 4,
+        "block_size": BLOCK_SIZE,
+        "max_eval_samples": EVAL_BLOCKS,
+        "max_steps": STEPS,
+        "seed": 0,
+        "tokenizer_train_max_chars": 60000,
+        "use_cpu": "true",
+    }
+    return [item for key, value in args.items() for item in (f"--{key}", str(value))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The 2-rank run (torchrun, as the README launches it) and the single-process reference."""
+    root = tmp_path_factory.mktemp("train_ep")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    ep_dir = root / "ep"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}"]
+    command += ["--master_addr=127.0.0.1", f"--master_port={free_port()}", "--monitor_interval=0.1"]
+    command += [str(REPO / "scripts" / "train.py"), *cli_args(ep_dir, config, 2), "--expert_parallel", "2"]
+    command += ["--dry_run"]  # the Hub export needs the whole model: rank 0 writes it from the gathered checkpoint
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=root)
+    elapsed = time.monotonic() - start
+    if result.returncode != 0:
+        pytest.fail(f"2-rank run failed (exit {result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    print(f"2-rank --expert_parallel 2 run: {elapsed:.1f} s")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = moe_train.run(cli_args(root / "single", config, WORLD_SIZE * 2))
+    finally:
+        torch.set_num_threads(threads)
+    return ep_dir, result.stdout + result.stderr, root / "single", single
+
+
+def _history(output_dir: Path) -> list[dict]:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def test_each_rank_holds_half_of_the_experts(runs):
+    ep_dir, output, _, _ = runs
+    full = {name: param.shape for name, param in MoEForCausalLM.from_pretrained(ep_dir).named_parameters()}
+    shards = {int(rank): json.loads(shapes) for rank, world, shapes in SHARD_LOG.findall(output) if world == "2"}
+    assert sorted(shards) == [0, 1], output[-3000:]
+    for rank, shapes in shards.items():
+        # ReLU experts: up_proj and down_proj of both MoE layers.
+        assert len(shapes) == 2 * TINY["num_hidden_layers"], shapes
+        for name, local in shapes.items():
+            assert local[0] == TINY["num_experts"] // WORLD_SIZE, (rank, name, local)
+            assert local[1:] == list(full[name][1:]) and full[name][0] == TINY["num_experts"], name
+
+
+def test_two_rank_run_follows_single_process_run(runs):
+    ep_dir, _, single_dir, single = runs
+    ep_history, single_history = _history(ep_dir), single["log_history"]
+    for key in ("loss", "lm_loss", "importance_loss", "load_loss"):
+        ep_values = [entry[key] for entry in ep_history if "loss" in entry]
+        single_values = [entry[key] for entry in single_history if "loss" in entry]
+        assert len(ep_values) == len(single_values) == STEPS, key
+        assert max(abs(a - b) for a, b in zip(ep_values, single_values, strict=True)) < 1e-4, (key, ep_values)
+    ep_losses = [entry["loss"] for entry in ep_history if "loss" in entry]
+    assert ep_losses[-1] < ep_losses[0]  # it trains
+    # Rank 0 trained the BPE tokenizer every rank used, as the single process did.
+    assert (ep_dir / "tokenizer.json").read_text() == (single_dir / "tokenizer.json").read_text()
+    # Evaluation over both ranks' shards of the validation blocks = the single-process evaluation.
+    ep_eval = next(entry for entry in ep_history if "eval_nll" in entry)
+    assert ep_eval["eval_accuracy"] == pytest.approx(single["metrics"]["eval_accuracy"], abs=1e-6)
+    assert ep_eval["eval_nll"] == pytest.approx(single["metrics"]["eval_nll"], abs=1e-5)
+    # Final weights, gathered into one checkpoint.
+    ep_state = MoEForCausalLM.from_pretrained(ep_dir).state_dict()
+    single_state = MoEForCausalLM.from_pretrained(single_dir).state_dict()
+    assert ep_state.keys() == single_state.keys()
+    for key, value in single_state.items():
+        assert torch.allclose(ep_state[key], value, atol=1e-5, rtol=0), key
+
+
+def test_checkpoint_loads_in_one_process_with_the_reported_logits(runs):
+    ep_dir, output, _, _ = runs
+    names = {path.name for path in ep_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "all_results.json", "hub_export"} <= names
+    assert not names & {".ep-init", ".tmp-save-ep"} and not list(ep_dir.glob("_fsdp*.py"))
+    assert json.loads((ep_dir / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_moe.MoEForCausalLM"
+    )
+    model = MoEForCausalLM.from_pretrained(ep_dir).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ep_dir)
+    # The validation blocks the run evaluated on, and their next-token NLL from this single-process model's logits.
+    blocks = tokenize_and_pack(default_corpus(), tokenizer, "text", BLOCK_SIZE)["validation"]
+    input_ids = torch.tensor(blocks[:EVAL_BLOCKS]["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten())
+    reported = json.loads((ep_dir / "all_results.json").read_text())
+    assert float(nll) == pytest.approx(reported["eval_nll"], abs=1e-5)
+    assert math.exp(float(nll)) == pytest.approx(reported["eval_perplexity"], rel=1e-4)
+    # It generates, and rank 0 printed its sample.
+    prompt = tokenizer("def ", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert output.count("Sample ('def ', sampled):") == 1
+    assert (ep_dir / "hub_export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--expert_parallel", "2", "--lora"], "does not support --lora"),
+        (["--expert_parallel", "2", "--resume_from_checkpoint", "true"], "does not support --resume_from_checkpoint"),
+        (["--expert_parallel", "2"], "needs 2 processes .* single process"),
+        (["--expert_parallel", "0"], "positive integer, got 0"),
+    ],
+)
+def test_expert_parallel_bad_input_fails_early(tmp_path, extra, match):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    with pytest.raises(ValueError, match=match):
+        moe_train.run([*cli_args(tmp_path / "out", config, 2), *extra])
+    assert not (tmp_path / "out").exists()  # rejected before anything was written

@@ -1,0 +1,351 @@
+"""End-to-end tests of moe-train / moe-eval / moe-push on tiny settings (a few steps each, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_moe import MoEForCausalLM
+from modeling_moe.cli import evaluate as moe_eval
+from modeling_moe.cli import push_to_hub as moe_push
+from modeling_moe.cli import train as moe_train
+from modeling_moe.training.data import default_corpus_documents
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "expert_intermediate_size": 32,
+    "vocab_size": 320,
+}
+
+
+def common_args(output_dir, **overrides) -> list[str]:
+    args = {
+        "output_dir": str(output_dir),
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "per_device_train_batch_size": "4",
+        "per_device_eval_batch_size": "8",
+        "logging_steps": "1",
+        "learning_rate": "3e-3",
+        "save_strategy": "no",
+        "sample_max_new_tokens": "4",
+        "block_size": "32",
+        "max_eval_samples": "8",
+        "max_steps": "4",
+        "use_cpu": "true",
+        "seed": "0",
+        "tokenizer_train_max_chars": "60000",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    return [item for key, value in args.items() for item in (f"--{key}", value)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_train")
+    config = root / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    documents = default_corpus_documents()
+    (root / "train.txt").write_text("\n".join(documents[:60]))
+    (root / "valid.txt").write_text("\n".join(documents[60:70]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def scratch_run(workdir):
+    """From scratch on the embedded corpus, with the Hub dry run."""
+    out = workdir / "scratch"
+    result = moe_train.run(
+        ["--config", str(workdir / "tiny.json"), "--dry_run", *common_args(out, max_steps=6, report_to="tensorboard")]
+    )
+    return out, result
+
+
+def test_from_scratch_logs_balance_and_heatmap(scratch_run):
+    out, result = scratch_run
+    model = MoEForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == len(json.load(open(out / "tokenizer.json"))["model"]["vocab"])
+    train_logs = [h for h in result["log_history"] if "loss" in h]
+    assert [h["step"] for h in train_logs] == list(range(1, 7))
+    for log in train_logs:
+        for key in ("lm_loss", "importance_loss", "load_loss"):
+            assert math.isfinite(log[key])
+        for layer in model.config.moe_layer_indices:
+            for stat in ("cv_importance", "cv_load", "max_mean_load"):
+                assert f"layer_{layer}/{stat}" in log
+            assert log[f"layer_{layer}/max_mean_load"] >= 1.0 - 1e-6
+        # Total loss = LM loss + balancing losses (same forwards, no gradient accumulation).
+        assert log["loss"] == pytest.approx(log["lm_loss"] + log["importance_loss"] + log["load_loss"], rel=1e-4)
+    eval_log = [h for h in result["log_history"] if "eval_loss" in h][-1]
+    assert all(f"eval_layer_{i}/cv_load" in eval_log for i in model.config.moe_layer_indices)
+    heatmap = out / "expert_load_heatmap.png"
+    assert heatmap.stat().st_size > 1000 and heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.load(open(out / "expert_load_history.json"))
+    assert len(history) == 6 and len(history[0]["tokens_per_expert"]) == len(model.config.moe_layer_indices)
+    # k experts per token: each log's counts sum to k * tokens of the logged step(s) (4 blocks of 32 per step).
+    assert sum(history[0]["tokens_per_expert"][0]) == 2 * 4 * 32
+    assert result["sample"].startswith("def ")
+    # The same statistics reach TensorBoard (`--report_to tensorboard`).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = list((out / "runs").iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for layer in model.config.moe_layer_indices:
+        assert {f"train/layer_{layer}/cv_load", f"eval/layer_{layer}/cv_importance"} <= tags
+    assert {"train/lm_loss", "train/importance_loss", "train/load_loss"} <= tags
+
+
+def test_eval_metrics_match_independent_computation(scratch_run):
+    """Perplexity and accuracy of the run equal a plain re-computation on the same validation blocks."""
+    out, result = scratch_run
+    metrics = result["metrics"]
+    from transformers import AutoTokenizer
+
+    from modeling_moe.training.data import default_corpus, tokenize_and_pack
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    blocks = tokenize_and_pack(default_corpus(), tokenizer, "text", 32)["validation"].select(range(8))
+    model = MoEForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor(blocks["input_ids"])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].double()
+    targets = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+    accuracy = (logits.argmax(-1) == targets).double().mean()
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy.item(), abs=1e-9)
+    saved = json.load(open(out / "all_results.json"))
+    assert saved["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"])
+    counts = saved["total_parameters"], saved["active_parameters"]
+    assert counts[0] == sum(p.numel() for p in model.parameters()) and counts[1] < counts[0]
+
+    # moe-eval on the saved folder reproduces the same numbers.
+    evaluated = moe_eval.run(
+        ["--model_name_or_path", str(out), "--block_size", "32", "--max_eval_samples", "8", "--use_cpu", "true"]
+    )["metrics"]
+    assert evaluated["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"], rel=1e-5)
+    assert evaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
+
+
+def test_model_card_carries_run_numbers(scratch_run):
+    from huggingface_hub import ModelCard
+
+    out, result = scratch_run
+    metrics = result["metrics"]
+    hub = out / "hub_export"
+    card = ModelCard.load(hub / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert "mixture-of-experts" in data["tags"]
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values["perplexity"] == pytest.approx(metrics["eval_perplexity"], rel=1e-3)
+    assert values["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+    cv_load = np.mean([metrics[f"eval_layer_{i}/cv_load"] for i in range(2)])
+    assert values["cv_load"] == pytest.approx(cv_load, abs=1e-4)
+    assert data["moe"]["num_experts"] == 4 and data["moe"]["num_experts_per_tok"] == 2
+    assert data["moe"]["total_parameters"] == metrics["total_parameters"]
+    assert data["moe"]["active_parameters"] == metrics["active_parameters"]
+    assert f"{metrics['total_parameters']:,}" in card.text and "**2 of 4**" in card.text
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "modeling_moe.py", "configuration_moe.py"):
+        assert (hub / name).is_file(), name
+    # The template shipped in the package is the repository's top-level hub_card.md.
+    with open(os.path.join(REPO, "hub_card.md")) as a, open(os.path.join(REPO, "modeling_moe", "hub_card.md")) as b:
+        assert a.read() == b.read()
+
+
+def test_exported_folder_loads_without_package(scratch_run, tmp_path):
+    out, _ = scratch_run
+    folder = tmp_path / "exported"
+    shutil.copytree(out / "hub_export", folder)
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        assert importlib.util.find_spec("modeling_moe") is None, "package must be hidden"
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained({str(folder)!r})
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        ids = tok("def ", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 5
+        print("OK", type(model).__name__)
+        """
+    )
+    # -I: isolated mode (no cwd / PYTHONPATH / user site); the editable install's finder is hidden by a bare site dir.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["HF_HUB_OFFLINE"] = "1"
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower() "
+        "and 'editable' not in repr(f).lower()]; sys.path[:] = [p for p in sys.path if '__editable__' not in p "
+        f"and p != {REPO!r}]\n" + script
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK MoEForCausalLM" in proc.stdout
+
+
+def test_finetune_from_saved_folder(scratch_run, workdir):
+    out, _ = scratch_run
+    ft = workdir / "finetuned"
+    result = moe_train.run(
+        [
+            "--model_name_or_path",
+            str(out),
+            "--train_file",
+            str(workdir / "train.txt"),
+            "--validation_file",
+            str(workdir / "valid.txt"),
+            *common_args(ft, max_steps=2, sample_max_new_tokens=0),
+        ]
+    )
+    base = MoEForCausalLM.from_pretrained(out)
+    tuned = MoEForCausalLM.from_pretrained(ft)
+    assert tuned.config.vocab_size == base.config.vocab_size  # the saved tokenizer was reused
+    assert not torch.equal(base.lm_head.weight, tuned.lm_head.weight)
+    assert math.isfinite(result["metrics"]["eval_perplexity"])
+
+
+def test_lora_with_merge(scratch_run, workdir):
+    from peft import PeftModel
+
+    out, _ = scratch_run
+    lora_dir = workdir / "lora"
+    args = ["--model_name_or_path", str(out), "--train_file", str(workdir / "train.txt"), "--lora", "--merge"]
+    moe_train.run([*args, "--lora_r", "4", *common_args(lora_dir, max_steps=3, learning_rate=0.05)])
+    assert (lora_dir / "adapter_config.json").is_file() and not (lora_dir / "config.json").exists()
+    adapter_config = json.load(open(lora_dir / "adapter_config.json"))
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(adapter_config["target_parameters"]) == {"mlp.experts.up_proj", "mlp.experts.down_proj"}
+
+    merged = MoEForCausalLM.from_pretrained(lora_dir / "merged").eval()
+    assert type(merged) is MoEForCausalLM
+    base = MoEForCausalLM.from_pretrained(out).eval()
+    layer = "model.layers.0.mlp.experts.up_proj"
+    assert not torch.allclose(merged.state_dict()[layer], base.state_dict()[layer])  # experts were adapted
+    reloaded = PeftModel.from_pretrained(MoEForCausalLM.from_pretrained(out), lora_dir).eval()
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(base(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+
+
+def test_resume_gives_identical_losses(workdir):
+    data = ["--train_file", str(workdir / "train.txt"), "--config", str(workdir / "tiny.json"), "--skip_eval"]
+    settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "sample_max_new_tokens": 0}
+    full = moe_train.run([*data, *common_args(workdir / "full", **settings)])
+    resumed_dir = workdir / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(workdir / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    resumed = moe_train.run([*data, "--resume_from_checkpoint", "true", *common_args(resumed_dir, **settings)])
+
+    def losses(result, start):
+        return [
+            (h["step"], h["loss"], h["lm_loss"]) for h in result["log_history"] if "loss" in h and h["step"] >= start
+        ]
+
+    assert [s for s, _, _ in losses(resumed, 3)] == [3, 4]
+    assert losses(resumed, 3) == losses(full, 3)
+
+
+def test_failed_save_leaves_no_loadable_model(workdir, monkeypatch):
+    out = workdir / "failed"
+
+    def broken_save(self, output_dir=None, _internal_call=False):
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(moe_train.Trainer, "save_model", broken_save)
+    data = ["--train_file", str(workdir / "train.txt"), "--config", str(workdir / "tiny.json")]
+    with pytest.raises(OSError, match="disk full"):
+        moe_train.run([*data, *common_args(out, max_steps=1)])
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
+    with pytest.raises(OSError):
+        MoEForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize(
+    "case, error, match",
+    [
+        ("missing", FileNotFoundError, "train_file"),
+        ("empty", ValueError, "is empty"),
+        ("unknown_field", ValueError, "num_expertz"),
+        ("no_text_column", ValueError, "no 'text' column"),
+        ("unwritable", PermissionError, "output_dir"),
+    ],
+)
+def test_bad_input_errors(workdir, tmp_path, case, error, match):
+    config = workdir / "tiny.json"
+    train_file = workdir / "train.txt"
+    out = tmp_path / "out"
+    if case == "missing":
+        train_file = tmp_path / "does_not_exist.txt"
+    elif case == "empty":
+        train_file = tmp_path / "empty.txt"
+        train_file.write_text("")
+    elif case == "unknown_field":
+        config = tmp_path / "bad.json"
+        config.write_text(json.dumps({**TINY, "num_expertz": 8}))
+    elif case == "no_text_column":
+        train_file = tmp_path / "rows.jsonl"
+        train_file.write_text("\n".join(json.dumps({"id": i, "score": i / 2}) for i in range(20)))
+    elif case == "unwritable":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        out = blocker / "out"
+    with pytest.raises(error, match=match):
+        moe_train.run(["--config", str(config), "--train_file", str(train_file), *common_args(out)])
+
+
+def test_push_dry_run_writes_upload_folder(scratch_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out, result = scratch_run
+    folder = tmp_path / "upload"
+    pushed = moe_push.run(
+        ["--model_path", str(out), "--repo_id", "me/tiny-moe", "--dry_run", "--output_dir", str(folder)]
+    )
+    assert pushed["folder"] == str(folder)
+    names = set(os.listdir(folder))
+    assert {"README.md", "model.safetensors", "config.json", "tokenizer.json", "modeling_moe.py"} <= names
+    assert "expert_load_heatmap.png" in names and not [n for n in names if n.startswith("checkpoint")]
+    card = ModelCard.load(folder / "README.md")
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert values["perplexity"] == pytest.approx(result["metrics"]["eval_perplexity"], rel=1e-3)
+    assert 'from_pretrained("me/tiny-moe", trust_remote_code=True)' in card.text
+    config = json.load(open(folder / "config.json"))
+    assert "AutoModelForCausalLM" in config["auto_map"]
+
+
+def test_accuracy_metric_module_matches_numpy():
+    from modeling_moe.training.evaluation import load_accuracy_metric
+
+    rng = np.random.default_rng(0)
+    predictions, references = rng.integers(0, 5, 200), rng.integers(0, 5, 200)
+    metric = load_accuracy_metric()
+    assert metric.compute(predictions=predictions, references=references)["accuracy"] == pytest.approx(
+        float((predictions == references).mean())
+    )
