@@ -7,8 +7,10 @@ Importing the package registers `MoEConfig` with `AutoConfig` and the models wit
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .balanced_gating import BalancedRouter
 from .configuration_moe import MoEConfig
 from .gating import RouterOutput, TopKRouter, cv_squared, kth_excluding, load_probability
+from .hierarchical_gating import HierarchicalRouter
 from .modeling_moe import MoECausalLMOutputWithPast, MoEForCausalLM, MoEModel, MoEPreTrainedModel
 
 __version__ = "0.1.0"
@@ -21,6 +23,8 @@ MoEModel.register_for_auto_class("AutoModel")
 MoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "BalancedRouter",
+    "HierarchicalRouter",
     "MoECausalLMOutputWithPast",
     "MoEConfig",
     "MoEForCausalLM",

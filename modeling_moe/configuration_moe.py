@@ -164,7 +164,9 @@ class MoEConfig(PreTrainedConfig):
                 f"got {self.num_experts_per_tok!r}."
             )
         if self.expert_activation not in EXPERT_ACTIVATIONS:
-            raise ValueError(f"`expert_activation` must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}.")
+            raise ValueError(
+                f"`expert_activation` must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}."
+            )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}.")
         if self.router_statistics_scope not in ROUTER_STATISTICS_SCOPES:
@@ -231,7 +233,9 @@ class MoEConfig(PreTrainedConfig):
         spec, num_layers = self.moe_layers, self.num_hidden_layers
         if isinstance(spec, str):
             if spec != "all":
-                raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")
+                raise ValueError(
+                    f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}."
+                )
             return list(range(num_layers))
         if isinstance(spec, bool):
             raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
 
 FAST_EXPERTS_IMPLEMENTATION = "moe_fused"
 
@@ -319,6 +319,10 @@ def fused_experts_forward(
             f"experts_implementation={FAST_EXPERTS_IMPLEMENTATION!r} supports experts without biases or post-expert "
             f"norm; {type(self).__name__} has has_bias={self.has_bias}, has_post_expert_norm={self.has_post_expert_norm}."
         )
+    if getattr(self, "_is_expert_parallel", False):
+        # Under transformers' expert parallelism the fused path's multi-rank gradients were seen to differ from run to
+        # run (from the second backward on), while `grouped_mm`'s were exact: use it there until that is understood.
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     gated = getattr(self, "has_gate", True)
     if gated and not getattr(self, "is_concatenated", True):
         raise NotImplementedError(

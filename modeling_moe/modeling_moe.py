@@ -435,7 +435,9 @@ def _check_inputs(
             got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise TypeError(f"`input_ids` must be an integer (int64/int32) tensor, got {got}.")
         if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+            raise ValueError(
+                f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}."
+            )
         if input_ids.numel() > 0:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= config.vocab_size:

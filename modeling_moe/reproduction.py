@@ -24,6 +24,7 @@ import torch
 
 from . import fast_experts  # noqa: F401 -- registers the "moe_fused" experts implementation
 from .configuration_moe import MoEConfig
+from .gating import cv_squared
 from .modeling_moe import MoEForCausalLM
 
 # Every VALIDATION_MODULUS-th file by path hash goes to validation (about 10% of the files).
@@ -253,11 +254,17 @@ def _learning_rate(settings: TrainSettings, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: MoEForCausalLM, batches: list[torch.Tensor]) -> dict[str, float]:
+def evaluate(
+    model: MoEForCausalLM, batches: list[torch.Tensor], noisy_statistics: bool = False, noise_seed: int = 0
+) -> dict[str, float]:
     """Validation perplexity per byte and, per MoE layer, the expert statistics over all validation tokens.
 
     Returns `val_loss`, `val_ppl` and, when the model has MoE layers, `cv_importance`, `cv_load`, `max_mean_load`
-    (mean over the MoE layers; the per-layer values are under `layers`).
+    (mean over the MoE layers; the per-layer values are under `layers`), measured in evaluation mode (no gate noise,
+    so Load is the number of tokens each expert receives). With `noisy_statistics`, a second pass routes the same
+    tokens as in training (gate noise on, seeded with `noise_seed`, no gradient) and adds `noisy_cv_importance`,
+    `noisy_cv_load` and `noisy_max_mean_load`, computed from the tokens each expert actually received (how balanced
+    the experts are under the routing the balancing losses were trained with), and `noisy_val_ppl`.
     """
     was_training = model.training
     model.eval()
@@ -281,6 +288,40 @@ def evaluate(model: MoEForCausalLM, batches: list[torch.Tensor]) -> dict[str, fl
         result["layers"] = per_layer
         for name in ("cv_importance", "cv_load", "max_mean_load"):
             result[name] = sum(values[name] for values in per_layer.values()) / len(per_layer)
+        if noisy_statistics:
+            result.update(_noisy_statistics(model, batches, noise_seed))
+    return result
+
+
+@torch.no_grad()
+def _noisy_statistics(model: MoEForCausalLM, batches: list[torch.Tensor], noise_seed: int) -> dict[str, float]:
+    """Perplexity, CV(Importance), CV(Load) and max/mean Load over `batches` with the training-time (noisy) routing.
+
+    Load here is the count of tokens each expert received (not the smooth estimate), so it compares with the
+    evaluation-mode Load. Averaged over the MoE layers; the global random state is left as it was.
+    """
+    was_training = model.training
+    model.train()
+    model.expert_statistics.reset()
+    total_loss = total_tokens = 0.0
+    with torch.random.fork_rng():
+        torch.manual_seed(noise_seed)
+        for batch in batches:
+            out = model(input_ids=batch, labels=batch)
+            tokens = batch.numel() - batch.size(0)
+            total_loss += float(out.lm_loss) * tokens
+            total_tokens += tokens
+    importance = model.expert_statistics.importance
+    counts = model.expert_statistics.tokens_per_expert
+    model.expert_statistics.reset()
+    model.train(was_training)
+    totals = {"noisy_cv_importance": 0.0, "noisy_cv_load": 0.0, "noisy_max_mean_load": 0.0}
+    for layer_importance, layer_counts in zip(importance, counts, strict=True):
+        totals["noisy_cv_importance"] += float(cv_squared(layer_importance).sqrt())
+        totals["noisy_cv_load"] += float(cv_squared(layer_counts).sqrt())
+        totals["noisy_max_mean_load"] += float(layer_counts.max() / layer_counts.mean())
+    result = {name: value / len(counts) for name, value in totals.items()}
+    result["noisy_val_ppl"] = math.exp(total_loss / total_tokens)
     return result
 
 
@@ -301,7 +342,14 @@ class RunResult:
         return asdict(self)
 
 
-def train_and_evaluate(name: str, config: MoEConfig, corpus: Corpus, settings: TrainSettings, log=print) -> RunResult:
+def train_and_evaluate(
+    name: str,
+    config: MoEConfig,
+    corpus: Corpus,
+    settings: TrainSettings,
+    log=print,
+    noisy_statistics: bool = False,
+) -> RunResult:
     """Train `config` from scratch on the corpus with `settings`, then evaluate it on the validation windows.
 
     The model's initialization is seeded with `settings.seed`, the data order with `settings.data_seed`, so two calls
@@ -347,7 +395,7 @@ def train_and_evaluate(name: str, config: MoEConfig, corpus: Corpus, settings: T
     end = time.perf_counter()
     timed_steps = settings.steps - skip
     tokens_per_second = timed_steps * settings.tokens_per_step / max(end - timed_start, 1e-9)
-    metrics = evaluate(model, validation_batches(corpus, settings))
+    metrics = evaluate(model, validation_batches(corpus, settings), noisy_statistics, noise_seed=settings.seed)
     counts = parameter_counts(model)
     return RunResult(
         name=name,
@@ -383,9 +431,9 @@ def machine_description() -> str:
     )
 
 
-def add_common_arguments(parser, default_output_dir: str) -> None:
+def add_common_arguments(parser, default_output_dir: str, script_defaults: dict | None = None) -> None:
     """Command-line options shared by the reproduction scripts (the model and budget of `TrainSettings`)."""
-    defaults = TrainSettings()
+    defaults = TrainSettings(**(script_defaults or {}))
     parser.add_argument("--output_dir", default=default_output_dir, help="Where the table, JSON (and plot) go.")
     parser.add_argument("--quick", action="store_true", help="Tiny settings: a smoke test that runs in seconds.")
     parser.add_argument("--steps", type=int, default=None, help=f"Training steps per model (default {defaults.steps}).")
@@ -423,9 +471,10 @@ QUICK_SETTINGS = dict(
 QUICK_CORPUS_BYTES = 400_000
 
 
-def settings_from_args(args) -> tuple[TrainSettings, int | None]:
-    """`TrainSettings` (the defaults, or the quick ones) with the command line's overrides, and the corpus limit."""
-    values = dict(QUICK_SETTINGS) if args.quick else {}
+def settings_from_args(args, script_defaults: dict | None = None) -> tuple[TrainSettings, int | None]:
+    """`TrainSettings` (`TrainSettings` defaults updated with the script's, or the quick ones) with the command line's
+    overrides, and the corpus limit."""
+    values = dict(QUICK_SETTINGS) if args.quick else dict(script_defaults or {})
     for name in ("steps", "batch_size", "seq_len", "hidden_size", "expert_intermediate_size", "learning_rate"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

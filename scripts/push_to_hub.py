@@ -1,7 +1,15 @@
 #!/usr/bin/env python
 """Thin wrapper around `modeling_moe.cli.push_to_hub.main` (the `moe-push` console command)."""
 
-from modeling_moe.cli.push_to_hub import main
+import os
+import sys
+
+# `python scripts/push_to_hub.py` puts this folder first on sys.path, where `scripts/evaluate.py` would shadow the
+# `evaluate` library the CLI imports.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from modeling_moe.cli.push_to_hub import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,8 +4,9 @@ A dense baseline (feed-forward blocks of `k * expert_intermediate_size` hidden u
 16, 64 and 256 experts (flat noisy top-k, k=4) and 256 experts in a two-level hierarchy (16 groups of 16, k=2 per level,
 so again 4 experts per token; SPEC §4), all with the same active parameters per token, trained on the same tokens of
 the Python standard library's source (byte level, fixed split and seeds; see `modeling_moe.reproduction`). Reports
-validation perplexity per byte, total and active parameters, forward FLOPs per token and training tokens/s, as
-`scaling.md` and `scaling.json`, and plots perplexity against the number of experts (`scaling.png`).
+validation perplexity per byte, total and active parameters, forward FLOPs per token and training tokens/s (with, as
+diagnostics, the perplexity when routing with the training-time gate noise, CV(Load) at evaluation and the final
+training loss), as `scaling.md` and `scaling.json`, and plots perplexity against the number of experts (`scaling.png`).
 
     python scripts/reproduce_scaling.py                   # default settings (~20-25 min on 2 CPU cores)
     python scripts/reproduce_scaling.py --quick --output_dir /tmp/scaling   # smoke test, seconds
@@ -33,6 +34,8 @@ from modeling_moe.reproduction import (
 # SPEC §7, Table 7 at about equal compute (8.4-8.9M ops/timestep): experts -> test perplexity per word.
 PAPER_TABLE_7 = [("MoE-4", 4, 45.0), ("MoE-32", 32, 39.7), ("MoE-256", 256, 35.7), ("MoE-1024-h", 1024, 34.6)]
 PAPER_TABLE_7.append(("MoE-4096-h", 4096, 34.1))
+# Three times the tokens of the balancing comparison (4.9M): the question here is what extra capacity buys.
+SCRIPT_DEFAULTS = {"batch_size": 32, "steps": 1200}
 
 
 def model_specs(quick: bool) -> list[dict]:
@@ -56,13 +59,17 @@ def model_specs(quick: bool) -> list[dict]:
             "overrides": {"router_type": "hierarchical", **hierarchical},
         }
     )
+    # Not at equal compute: a dense model with 4x the feed-forward width (4x the active FFN parameters, the total
+    # expert parameters of MoE-16). It tells whether extra capacity helps at all at this token budget.
+    specs.append({"name": "dense-4x (reference)", "num_experts": 0, "overrides": {"wide_factor": 4}, "reference": True})
     return specs
 
 
 def markdown_table(rows: list[dict]) -> str:
     header = (
         "| model | experts | experts/token | val ppl/byte | val loss (nats/byte) | total params | active params "
-        "| forward FLOPs/token | train tokens/s |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| forward FLOPs/token | train tokens/s | val ppl/byte, noisy gate | CV(Load) | final train loss |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in rows:
@@ -70,7 +77,9 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(
             f"| {row['name']} | {row['num_experts'] or '-'} | {row['experts_per_token'] or '-'} "
             f"| {format_number(m['val_ppl'], 3)} | {format_number(m['val_loss'], 4)} | {row['total_params']:,} "
-            f"| {row['active_params']:,} | {row['flops_per_token']:,} | {row['tokens_per_second']:,.0f} |"
+            f"| {row['active_params']:,} | {row['flops_per_token']:,} | {row['tokens_per_second']:,.0f} "
+            f"| {format_number(m.get('noisy_val_ppl', m['val_ppl']), 3)} | {format_number(m['cv_load']) if 'cv_load' in m else '-'} "
+            f"| {format_number(row['final_train_lm_loss'], 4)} |"
         )
     return header + "\n".join(lines) + "\n"
 
@@ -93,7 +102,8 @@ def plot(rows: list[dict], path: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 4))
     flat = [r for r in rows if r["num_experts"] and r["config"]["router_type"] != "hierarchical"]
     hierarchical = [r for r in rows if r["config"]["router_type"] == "hierarchical"]
-    dense = [r for r in rows if not r["num_experts"]]
+    dense = [r for r in rows if not r["num_experts"] and not r["reference"]]
+    wide = [r for r in rows if r["reference"]]
     axis.plot([r["num_experts"] for r in flat], [r["metrics"]["val_ppl"] for r in flat], "o-", label="MoE (flat, k=4)")
     if hierarchical:
         axis.plot(
@@ -105,6 +115,8 @@ def plot(rows: list[dict], path: str) -> None:
         )
     for r in dense:
         axis.axhline(r["metrics"]["val_ppl"], color="gray", linestyle="--", label="dense (same active size)")
+    for r in wide:
+        axis.axhline(r["metrics"]["val_ppl"], color="green", linestyle=":", label="dense, 4x wider FFN (4x compute)")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("number of experts")
     axis.set_ylabel("validation perplexity per byte")
@@ -120,9 +132,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, default_output_dir="docs/results")
+    add_common_arguments(parser, default_output_dir="docs/results", script_defaults=SCRIPT_DEFAULTS)
     args = parser.parse_args(argv)
-    settings, max_bytes = settings_from_args(args)
+    settings, max_bytes = settings_from_args(args, SCRIPT_DEFAULTS)
 
     corpus = load_corpus(max_bytes=max_bytes)
     print(f"corpus: {json.dumps(corpus.describe())}", flush=True)
@@ -130,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     start = time.perf_counter()
     for spec in model_specs(args.quick):
-        config = model_config(settings, spec["num_experts"], **spec["overrides"])
-        result = train_and_evaluate(spec["name"], config, corpus, settings, log=lambda s: print(s, flush=True))
+        overrides = dict(spec["overrides"])
+        if "wide_factor" in overrides:
+            overrides["intermediate_size"] = (
+                overrides.pop("wide_factor") * settings.num_experts_per_tok * settings.expert_intermediate_size
+            )
+        config = model_config(settings, spec["num_experts"], **overrides)
+        result = train_and_evaluate(
+            spec["name"], config, corpus, settings, log=lambda s: print(s, flush=True), noisy_statistics=True
+        )
         row = {
             **result.to_dict(),
             "num_experts": spec["num_experts"],
             "experts_per_token": config.experts_per_token if spec["num_experts"] else 0,
+            "reference": spec.get("reference", False),
         }
         print(
             f"{spec['name']}: val ppl {result.metrics['val_ppl']:.4f}, params {result.total_params:,} total / "

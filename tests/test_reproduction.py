@@ -124,14 +124,19 @@ def test_quick_scaling_writes_every_row_and_plot(tmp_path):
     assert module.main(["--quick", "--output_dir", str(tmp_path)]) == 0
     text = (tmp_path / "scaling.md").read_text()
     header, rows = _table_rows(text)
-    assert len(header) == 9
+    assert len(header) == 12
     names = [r[0] for r in rows]
-    assert names[0] == "dense" and any(re.match(r"MoE-\d+-h", n) for n in names) and len(rows) == 4
+    assert names[0] == "dense" and any(re.match(r"MoE-\d+-h", n) for n in names) and len(rows) == 5
     for row in rows:
-        assert all(_is_finite_number(cell) for cell in row[3:]), row
+        cells = [
+            c for c, name in zip(row, header, strict=True) if not (row[0].startswith("dense") and name == "CV(Load)")
+        ]
+        assert all(_is_finite_number(cell) for cell in cells[3:]), row
     report = json.loads((tmp_path / "scaling.json").read_text())
     # Equal active parameters per token up to the gate, equal tokens.
-    dense, *moes = report["rows"]
+    dense, *moes = [r for r in report["rows"] if not r["reference"]]
+    (wide,) = [r for r in report["rows"] if r["reference"]]
+    assert wide["config"]["intermediate_size"] == 4 * dense["config"]["intermediate_size"]
     assert all(r["train_tokens"] == dense["train_tokens"] for r in moes)
     for r in moes:
         gate = r["active_params"] - dense["active_params"]

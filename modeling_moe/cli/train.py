@@ -5,6 +5,12 @@ In the spirit of transformers' `examples/pytorch/language-modeling/run_clm.py`:
 
     moe-train --config configs/tiny.json --output_dir runs/tiny --max_steps 300 --dry_run
     moe-train --model_name_or_path runs/tiny --train_file my.txt --output_dir runs/ft --lora --merge
+
+Expert parallelism (SPEC §6): one process per device, experts sharded over `N` of them, e.g. on CPU
+
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 scripts/train.py --expert_parallel 2 --config configs/tiny.json ...
+
+(the README's "Expert parallelism" section has the GPU and `accelerate launch` commands).
 """
 
 from __future__ import annotations
