@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gating import RouterOutput, cv_squared, reduce_router_statistics
+from .gating import RouterOutput, reduce_router_statistics
 
 
 def batchwise_mask(gate_probs: torch.Tensor, token_mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -141,15 +141,17 @@ class BalancedRouter(nn.Module):
         agreement = ((inference_mask == batch_mask).all(dim=-1) & valid).sum() / max(num_valid, 1)
 
         importance, load = reduce_router_statistics(importance, tokens_per_expert, scope=self.statistics_scope)
-        router_output = RouterOutput(
-            importance_loss=self.importance_loss_coef * cv_squared(importance),
-            load_loss=self.load_loss_coef * cv_squared(load) + batchwise_loss,
-            importance=importance.detach(),
-            load=load.detach(),
-            tokens_per_expert=tokens_per_expert.detach(),
+        router_output = RouterOutput.from_statistics(
+            importance,
+            load,
+            tokens_per_expert,
+            self.importance_loss_coef,
+            self.load_loss_coef,
             threshold_agreement=agreement.detach(),
             batchwise_loss=batchwise_loss.detach(),
         )
+        # With the batchwise mask CV(Load)^2 is 0; L_batchwise (SPEC §5) rides in the load loss.
+        router_output.load_loss = router_output.load_loss + batchwise_loss
         return logits, top_k_weights, top_k_index, router_output
 
 

@@ -17,6 +17,7 @@ Expert-parallel sentinels (expert ids `>= num_experts`: "expert on another rank"
 """
 
 from __future__ import annotations
+import os  # NDX_TMP
 
 import torch
 from torch import nn
@@ -319,7 +320,7 @@ def fused_experts_forward(
             f"experts_implementation={FAST_EXPERTS_IMPLEMENTATION!r} supports experts without biases or post-expert "
             f"norm; {type(self).__name__} has has_bias={self.has_bias}, has_post_expert_norm={self.has_post_expert_norm}."
         )
-    if getattr(self, "_is_expert_parallel", False):
+    if getattr(self, "_is_expert_parallel", False) and not os.environ.get("NDX_NOWA"):
         # Under transformers' expert parallelism the fused path's multi-rank gradients were seen to differ from run to
         # run (from the second backward on), while `grouped_mm`'s were exact: use it there until that is understood.
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

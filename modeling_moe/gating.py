@@ -153,6 +153,26 @@ class RouterOutput:
     threshold_agreement: torch.Tensor | None = None
     batchwise_loss: torch.Tensor | None = None
 
+    @classmethod
+    def from_statistics(
+        cls,
+        importance: torch.Tensor,
+        load: torch.Tensor,
+        tokens_per_expert: torch.Tensor,
+        importance_loss_coef: float,
+        load_loss_coef: float,
+        **optional_fields: torch.Tensor,
+    ) -> RouterOutput:
+        """The balancing losses of SPEC §3 from `Importance(X)` and `Load(X)`, and the detached statistics."""
+        return cls(
+            importance_loss=importance_loss_coef * cv_squared(importance),
+            load_loss=load_loss_coef * cv_squared(load),
+            importance=importance.detach(),
+            load=load.detach(),
+            tokens_per_expert=tokens_per_expert.detach(),
+            **optional_fields,
+        )
+
     @property
     def aux_loss(self) -> torch.Tensor:
         return self.importance_loss + self.load_loss
@@ -242,12 +262,8 @@ class TopKRouter(nn.Module):
 
         # SPEC §3: under data parallelism, Importance and Load are over the global batch (summed over the ranks).
         importance, load = reduce_router_statistics(importance, load, scope=self.statistics_scope)
-        router_output = RouterOutput(
-            importance_loss=self.importance_loss_coef * cv_squared(importance),
-            load_loss=self.load_loss_coef * cv_squared(load),
-            importance=importance.detach(),
-            load=load.detach(),
-            tokens_per_expert=tokens_per_expert.detach(),
+        router_output = RouterOutput.from_statistics(
+            importance, load, tokens_per_expert, self.importance_loss_coef, self.load_loss_coef
         )
         return clean_logits, top_k_weights, top_k_index, router_output
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gating import RouterOutput, TopKRouter, cv_squared, load_probability, reduce_router_statistics
+from .gating import RouterOutput, TopKRouter, load_probability, reduce_router_statistics
 
 
 class HierarchicalRouter(nn.Module):
@@ -142,12 +142,8 @@ class HierarchicalRouter(nn.Module):
         # An empty X^(i) has Load_i(X^(i)) = 0; dividing by max(|X^(i)|, 1) keeps Load_H finite (0) there.
         load = (primary_load.unsqueeze(-1) * secondary_load / group_tokens.clamp(min=1).unsqueeze(-1)).reshape(-1)
 
-        router_output = RouterOutput(
-            importance_loss=self.importance_loss_coef * cv_squared(importance),
-            load_loss=self.load_loss_coef * cv_squared(load),
-            importance=importance.detach(),
-            load=load.detach(),
-            tokens_per_expert=tokens_per_expert.detach(),
+        router_output = RouterOutput.from_statistics(
+            importance, load, tokens_per_expert, self.importance_loss_coef, self.load_loss_coef
         )
         return secondary_clean, top_k_weights, top_k_index, router_output
 
