@@ -17,12 +17,11 @@ Expert-parallel sentinels (expert ids `>= num_experts`: "expert on another rank"
 """
 
 from __future__ import annotations
-import os  # NDX_TMP
 
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 FAST_EXPERTS_IMPLEMENTATION = "moe_fused"
 
@@ -146,7 +145,11 @@ class _Dispatch:
         return full.view(self.num_tokens, self.top_k, -1).sum(dim=1, dtype=acc_dtype)
 
     def _overflow_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The overflow experts' slice of `weight`, copied once per parameter and reused by its transposed view."""
+        """The overflow experts' slice of `weight`, copied once per parameter and reused by its transposed view.
+
+        The copies are keyed by `data_ptr()`, which identifies a weight only while the caller holds it: call
+        `release_weight_copies` at the end of every forward and backward pass.
+        """
         key = weight.data_ptr()
         if key in self._weight_copies:
             copy, stride = self._weight_copies[key]
@@ -157,6 +160,16 @@ class _Dispatch:
         copy = weight.index_select(0, self.overflow)
         self._weight_copies[key] = (copy, weight.stride())
         return copy
+
+    def release_weight_copies(self) -> None:
+        """Drop the overflow weight copies (end of a forward or backward pass).
+
+        A saved parameter can live in different storage in backward than in forward (FSDP2 frees the unsharded
+        parameters after forward and gathers them again, into new memory, before backward), and another weight can
+        then sit at an address a forward copy is keyed by: a copy kept across passes would be read for the wrong
+        weight. Dropping them also keeps them out of the memory held between forward and backward.
+        """
+        self._weight_copies.clear()
 
     def _buckets(self, buffer: torch.Tensor, weight: torch.Tensor | None):
         """(rows of bucket as (experts, capacity, d), that bucket's experts' weights or None, expert ids or None)."""
@@ -256,6 +269,7 @@ class _FusedExperts(torch.autograd.Function):
         out.mul_(weights_rows.to(out.dtype).unsqueeze(-1))
         result = dispatch.scatter_sum(out).to(hidden_states.dtype)
         del out
+        dispatch.release_weight_copies()
 
         kind = _activation_kind(act_fn)
         ctx.dispatch, ctx.gated, ctx.act_fn, ctx.kind, ctx.recompute = dispatch, gated, act_fn, kind, recompute
@@ -304,6 +318,7 @@ class _FusedExperts(torch.autograd.Function):
         grad_x = None
         if need_x:
             grad_x = dispatch.scatter_sum(dispatch.mm(grad_pre, up_weight)).to(hidden_states.dtype)
+        dispatch.release_weight_copies()
         return grad_x, None, grad_weights, grad_up, grad_down, None, None, None
 
 
@@ -320,10 +335,6 @@ def fused_experts_forward(
             f"experts_implementation={FAST_EXPERTS_IMPLEMENTATION!r} supports experts without biases or post-expert "
             f"norm; {type(self).__name__} has has_bias={self.has_bias}, has_post_expert_norm={self.has_post_expert_norm}."
         )
-    if getattr(self, "_is_expert_parallel", False) and not os.environ.get("NDX_NOWA"):
-        # Under transformers' expert parallelism the fused path's multi-rank gradients were seen to differ from run to
-        # run (from the second backward on), while `grouped_mm`'s were exact: use it there until that is understood.
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     gated = getattr(self, "has_gate", True)
     if gated and not getattr(self, "is_concatenated", True):
         raise NotImplementedError(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.expert_parallel import expert_parallel_config, validate_expert_parallel_size
@@ -51,16 +52,14 @@ CHECKPOINTS = {
 
 def tiny_config(router_type: str, expert_activation: str = "relu", **overrides) -> MoEConfig:
     # Layer 0 dense, layer 1 MoE: the plan must shard only the experts.
-    overrides = {"num_experts": 4, "num_experts_per_tok": 2, **overrides}
+    defaults = {"num_experts": 4, "num_experts_per_tok": 2, "moe_layers": [1], "hidden_size": 16}
+    overrides = {"expert_intermediate_size": 8, **defaults, **overrides}
     return MoEConfig(
         vocab_size=VOCAB,
-        hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        expert_intermediate_size=8,
         expert_activation=expert_activation,
-        moe_layers=[1],
         router_type=router_type,
         **overrides,
     )
@@ -104,6 +103,15 @@ class FixedNoise:
 
     def __exit__(self, *exc):
         torch.randn_like = self.original
+
+
+# The fused-experts regression check: every layer MoE, 3 SGD steps, a batch long enough that an expert on each rank
+# takes more rows than the other (its overflow bucket, with its cached weight copies, is used).
+FUSED_CHECKPOINT, FUSED_STEPS, FUSED_SEQ_LEN = "all_moe_fused", 3, 64
+
+
+def fused_batch() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, FUSED_SEQ_LEN), generator=torch.Generator().manual_seed(6))
 
 
 def train_dataset() -> list[dict[str, torch.Tensor]]:
@@ -206,6 +214,56 @@ def test_expert_parallel_config_validation():
         MoEConfig(router_statistics_scope="batch")
 
 
+def test_fused_experts_backward_when_saved_weights_come_back_in_other_memory():
+    """The weights `moe_fused` saves can come back in backward in other memory: FSDP2 frees the gathered parameters
+    after forward and gathers them again, and saved-tensor hooks (offloading) unpack copies. Here each comes back in
+    the memory the other weight had in forward, deterministically: the fused backward once read its forward-time
+    overflow weight copies, keyed by address, for the wrong weight (seen as run-to-run gradients on 2 ranks)."""
+    from modeling_moe.fast_experts import fused_experts_forward
+    from modeling_moe.modeling_moe import MoEExperts
+
+    num_experts, hidden, num_tokens = 4, 16, 70
+    experts = MoEExperts(tiny_config("softmax_top_k", hidden_size=hidden, expert_intermediate_size=hidden))
+    memory = torch.randn(2, num_experts, hidden, hidden, generator=torch.Generator().manual_seed(5)) * 0.3
+    experts.up_proj, experts.down_proj = nn.Parameter(memory[0]), nn.Parameter(memory[1])  # same shape and strides
+    # Expert 0 takes far more rows than the others: its rows overflow into the bucket that copies its weights.
+    token = torch.arange(num_tokens)
+    top_k_index = torch.stack([torch.where(token < 64, 0, 1), 1 + token % 3], dim=-1)
+    hidden_states = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(6))
+    top_k_weights = torch.rand(num_tokens, 2, generator=torch.Generator().manual_seed(7))
+    probe = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(8))  # d loss / d output
+
+    def run(implementation) -> list[torch.Tensor]:
+        inputs = [hidden_states.clone().requires_grad_(), top_k_weights.clone().requires_grad_()]
+        (implementation(experts, inputs[0], top_k_index, inputs[1]) * probe).sum().backward()
+        grads = [inputs[0].grad, inputs[1].grad, experts.up_proj.grad, experts.down_proj.grad]
+        experts.zero_grad(set_to_none=True)
+        return grads
+
+    reference = run(lambda module, *args: module(*args))  # eager
+
+    def pack(tensor: torch.Tensor):
+        for slot, weight in enumerate((experts.up_proj, experts.down_proj)):
+            if tensor.data_ptr() == weight.data_ptr() and tensor.shape == weight.shape:
+                return slot, tensor.detach().clone()
+        return None, tensor
+
+    def unpack(packed) -> torch.Tensor:
+        slot, tensor = packed
+        if slot is None:
+            return tensor
+        with torch.no_grad():  # back in the memory the *other* weight had in forward
+            return memory[1 - slot].copy_(tensor)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        measured = run(fused_experts_forward)
+    assert memory[0].data_ptr() != memory[1].data_ptr()
+    for name, got, want in zip(
+        ("hidden_states", "top_k_weights", "up_proj", "down_proj"), measured, reference, strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), name  # gradients up to ~15 here
+
+
 def test_reduce_router_statistics_is_identity_without_process_group():
     importance = torch.rand(4, requires_grad=True)
     load = torch.rand(4)
@@ -225,6 +283,14 @@ def ep_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("expert_parallel")
     for name, (overrides, _) in CHECKPOINTS.items():
         make_checkpoint(workdir / name, **overrides)
+    make_checkpoint(
+        workdir / FUSED_CHECKPOINT,
+        "softmax_top_k",
+        moe_layers="all",
+        num_experts=8,
+        hidden_size=64,
+        expert_intermediate_size=64,
+    )
     result, _ = launch("main", workdir)
     if result.returncode != 0:
         pytest.fail(f"2-rank run failed (exit {result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
@@ -283,6 +349,33 @@ def test_two_ranks_match_single_process_loss_and_every_gradient(ep_run, router_t
             assert grad.abs().max() > 0, name  # the comparison is not between zeros
     expected_gates = {"softmax_top_k": 1, "noisy_top_k": 2, "hierarchical_swiglu": 2}[router_type]  # W_g (and W_noise)
     assert kinds["gate"] == expected_gates and kinds["expert"] == 2
+
+
+def test_fused_experts_two_ranks_match_single_process_over_training_steps(ep_run):
+    """`moe_fused` experts on 2 ranks, every layer MoE: each step's loss and gradients are the single process's.
+
+    Regression: the fused backward once reused weight copies cached in forward under the weights' `data_ptr()`, but
+    FSDP2 gathers the parameters again into new memory before backward, so another weight could sit at a cached
+    address: gradients below the last MoE layer then changed from run to run.
+    """
+    model = MoEForCausalLM.from_pretrained(ep_run / FUSED_CHECKPOINT, experts_implementation="eager").train()
+    input_ids = fused_batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    measured = torch.load(ep_run / "fused_steps.pt")
+    assert measured["overflow_copies"] > 0  # the cached weight copies were used on the 2 ranks
+    assert sorted(measured["steps"]) == list(range(FUSED_STEPS))
+    for step in range(FUSED_STEPS):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        assert torch.allclose(measured["steps"][step]["loss"], loss.detach(), atol=1e-5, rtol=0), step
+        grads = measured["steps"][step]["grads"]
+        assert {name for name, param in model.named_parameters() if param.grad is not None} == set(grads)
+        assert sum(".experts." in name for name in grads) == 4  # both layers' expert weights
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                assert torch.allclose(grads[name], param.grad, atol=1e-5, rtol=0), (step, name)
+        optimizer.step()
+        optimizer.zero_grad()
 
 
 def test_router_statistics_scope_global_or_local(ep_run):
@@ -465,6 +558,40 @@ def _worker_main(workdir: Path) -> None:
             "logits_after": logits_after,
         }
         torch.save(result, workdir / f"{router_type}_rank{rank}.pt")
+
+    # Fused experts, every layer MoE: loss and gradients of 3 SGD steps (see the test for why).
+    from modeling_moe import fast_experts
+
+    copies = 0
+    overflow_weight = fast_experts._Dispatch._overflow_weight
+
+    def counting_overflow_weight(dispatch, weight):
+        nonlocal copies
+        copies += 1
+        return overflow_weight(dispatch, weight)
+
+    fast_experts._Dispatch._overflow_weight = counting_overflow_weight
+    model = from_pretrained_expert_parallel(workdir / FUSED_CHECKPOINT, WORLD_SIZE, experts_implementation="moe_fused")
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = {}
+    for step in range(FUSED_STEPS):
+        out = model(input_ids=fused_batch()[rows], labels=fused_batch()[rows])
+        out.loss.backward()
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        grads = {}
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                grads[name] = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad.clone()
+        steps[step] = {"loss": loss / WORLD_SIZE, "grads": grads}
+        optimizer.step()
+        optimizer.zero_grad()
+    fast_experts._Dispatch._overflow_weight = overflow_weight
+    count = torch.tensor(copies)
+    dist.all_reduce(count)
+    if rank == 0:
+        torch.save({"steps": steps, "overflow_copies": int(count)}, workdir / "fused_steps.pt")
 
     # Training from scratch: rank 0 initializes, every rank loads its shard.
     torch.manual_seed(rank)  # different seeds: the ranks must still end up with rank 0's weights
