@@ -30,7 +30,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .balanced_gating import BalancedRouter
 from .configuration_moe import MoEConfig
 from .expert_statistics import ExpertStatistics
-from .fast_experts import FAST_EXPERTS_IMPLEMENTATION  # also registers it in transformers' experts interface
+
+# Registers "moe_fused" in transformers' experts interface; a `from .x import` line so it travels as remote code.
+from .fast_experts import FAST_EXPERTS_IMPLEMENTATION  # noqa: F401
 from .gating import RouterOutput, TopKRouter, limit_expert_capacity, router_from_config
 
 
@@ -392,13 +394,6 @@ class MoEPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
         "attentions": OutputRecorder(MoEAttention, index=1),
     }
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Default to the fused experts of `fast_experts.py` (`"moe_fused"`) when none was requested; any registered
-        name (`"eager"`, `"grouped_mm"`, `"batched_mm"`, ...) still wins when given."""
-        if requested_experts is None:
-            requested_experts = FAST_EXPERTS_IMPLEMENTATION
-        return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
