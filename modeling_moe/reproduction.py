@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import fast_experts  # noqa: F401 -- registers the "moe_fused" experts implementation
+# Import every router now (the hierarchical and balanced ones are otherwise imported lazily when a model first uses
+# them), so a long run uses one consistent version of the package's source from start to end.
+# fast_experts registers the "moe_fused" experts implementation.
+from . import balanced_gating, fast_experts, hierarchical_gating  # noqa: F401
 from .configuration_moe import MoEConfig
 from .gating import cv_squared
 from .modeling_moe import MoEForCausalLM
@@ -419,6 +422,9 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
     with tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as handle:
         handle.write(data)
         temporary = handle.name
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # NamedTemporaryFile is private (0600); results are meant to be read
     os.replace(temporary, path)
 
 
