@@ -69,6 +69,8 @@ class MoEConfig(PreTrainedConfig):
         "load_loss",
         "router_logits",
         "router_outputs",
+        "hidden_states",
+        "attentions",
     ]
 
     @property

@@ -16,16 +16,14 @@ from typing import Any
 import torch
 import transformers
 from datasets import DatasetDict, IterableDatasetDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
 
-from ..training.callbacks import add_expert_balance_callback, unwrap_moe_model
+from ..training.callbacks import unwrap_moe_model
 from ..training.data import load_raw_datasets, resolve_text_column, tokenize_and_pack
 from ..training.evaluation import (
-    EVAL_IGNORE_KEYS,
-    build_compute_metrics,
+    build_trainer,
     format_table,
     parameter_counts,
-    preprocess_logits_for_metrics,
     summary_rows,
 )
 from .train import check_output_dir, generate_sample
@@ -126,16 +124,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
             disable_tqdm=True,
         )
-        trainer = Trainer(
-            model=model,
-            args=training_args,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            compute_metrics=build_compute_metrics(),
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
-        callback = add_expert_balance_callback(trainer)
-        metrics: dict[str, Any] = dict(trainer.evaluate(ignore_keys=EVAL_IGNORE_KEYS))
+        trainer, callback = build_trainer(model, training_args, tokenizer, eval_dataset=eval_dataset)
+        metrics: dict[str, Any] = dict(trainer.evaluate())
         callback.detach()
     counts = parameter_counts(base)
     metrics.update(counts)

@@ -56,7 +56,7 @@ from ..training.arguments import (
     load_config_file,
     parse_overrides,
 )
-from ..training.callbacks import add_expert_balance_callback, unwrap_moe_model
+from ..training.callbacks import unwrap_moe_model
 from ..training.data import (
     DEFAULT_CORPUS_NAME,
     iter_texts,
@@ -66,11 +66,9 @@ from ..training.data import (
     train_bpe_tokenizer,
 )
 from ..training.evaluation import (
-    EVAL_IGNORE_KEYS,
-    build_compute_metrics,
+    build_trainer,
     format_table,
     parameter_counts,
-    preprocess_logits_for_metrics,
     summary_rows,
 )
 from ..training.hub import render_model_card, upload_hub_folder, write_hub_folder
@@ -439,19 +437,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
 
-    trainer = Trainer(
-        model=model,
-        args=training_args,
+    trainer, balance = build_trainer(
+        model,
+        training_args,
+        tokenizer,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=tokenizer,
         data_collator=default_data_collator,
-        compute_metrics=build_compute_metrics(),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
-    balance = add_expert_balance_callback(trainer)
 
-    train_result = trainer.train(resume_from_checkpoint=resume, ignore_keys_for_eval=EVAL_IGNORE_KEYS)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, Any] = dict(train_result.metrics)
     base_model = unwrap_moe_model(trainer.model)
     if expert_parallel > 1:
@@ -470,7 +465,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.log_metrics("train", train_result.metrics)
 
     if not run_args.skip_eval:
-        eval_metrics = trainer.evaluate(ignore_keys=EVAL_IGNORE_KEYS)
+        eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("all", metrics)

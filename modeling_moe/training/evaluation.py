@@ -9,20 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import EvalPrediction
+from transformers import EvalPrediction, Trainer, TrainingArguments
 
-# Everything the model returns except `logits`: keeps Trainer.evaluate from gathering router outputs and scalars.
-EVAL_IGNORE_KEYS = [
-    "past_key_values",
-    "lm_loss",
-    "aux_loss",
-    "importance_loss",
-    "load_loss",
-    "router_outputs",
-    "router_logits",
-    "hidden_states",
-    "attentions",
-]
+from .callbacks import ExpertBalanceCallback, add_expert_balance_callback
 
 ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics", "accuracy")
 
@@ -137,3 +126,22 @@ def summary_rows(metrics: dict[str, Any], config, counts: dict[str, int]) -> lis
             )
         )
     return rows
+
+
+def build_trainer(
+    model, args: TrainingArguments, tokenizer, **trainer_kwargs: Any
+) -> tuple[Trainer, ExpertBalanceCallback]:
+    """The `Trainer` of `moe-train` and `moe-eval`: perplexity/accuracy metrics and the expert-balance callback.
+
+    Trainer.evaluate gathers only the logits: the model config's `keys_to_ignore_at_inference` lists every other output
+    (router outputs, balancing losses).
+    """
+    trainer = Trainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        **trainer_kwargs,
+    )
+    return trainer, add_expert_balance_callback(trainer)
