@@ -1,6 +1,10 @@
-"""Shared helpers: tiny models that build and run in milliseconds on a CPU."""
+"""Shared helpers: tiny models that build and run in milliseconds on a CPU, and a remote-code load without the package."""
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -28,3 +32,52 @@ def tiny_config(**overrides) -> MoEConfig:
     )
     settings.update(overrides)
     return MoEConfig(**settings)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class HideModelingMoE(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "modeling_moe" or name.startswith("modeling_moe."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+            return None
+
+    sys.meta_path.insert(0, HideModelingMoE())
+    try:
+        import modeling_moe  # noqa: F401
+        raise SystemExit("modeling_moe should not be importable here")
+    except ModuleNotFoundError:
+        pass
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.load(sys.argv[1])
+    for folder in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        torch.save(model(input_ids=ids).logits, folder + "/remote_logits.pt")
+    """
+)
+
+
+def run_remote_code_load(folders: list, ids: torch.Tensor, tmp_path: Path) -> list[torch.Tensor]:
+    """Load each folder with trust_remote_code in one fresh process where `modeling_moe` cannot be imported."""
+    script, ids_path = tmp_path / "load.py", tmp_path / "ids.pt"
+    script.write_text(REMOTE_CODE_SCRIPT)
+    torch.save(ids, ids_path)
+    # The same thread count as this process: bitwise-equal logits need the same matmul reduction order.
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=threads)
+    result = subprocess.run(
+        [sys.executable, str(script), str(ids_path), *map(str, folders)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(f"{folder}/remote_logits.pt") for folder in folders]

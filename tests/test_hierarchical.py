@@ -5,10 +5,6 @@ code."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from modeling_moe import MoEConfig, MoEForCausalLM, TopKRouter
 from modeling_moe.hierarchical_gating import HierarchicalRouter
 
-from .conftest import tiny_config
+from .conftest import run_remote_code_load, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -386,32 +382,8 @@ def test_router_types_work_with_every_experts_implementation(case, implementatio
         assert torch.allclose(grad, gradients[implementation][name], atol=1e-5), name
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class HideModelingMoE(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "modeling_moe" or name.startswith("modeling_moe."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
-            return None
-
-    sys.meta_path.insert(0, HideModelingMoE())
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.load(sys.argv[1])
-    for folder in sys.argv[2:]:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        torch.save(model(input_ids=ids).logits, folder + "/remote_logits.pt")
-    """
-)
-
-
 def test_router_types_load_as_remote_code_without_the_package(tmp_path):
     ids = _ids()
-    torch.save(ids, tmp_path / "ids.pt")
     folders, expected = [], []
     for case in ROUTER_CASES:
         model = router_model(case)
@@ -420,16 +392,6 @@ def test_router_types_load_as_remote_code_without_the_package(tmp_path):
             assert (tmp_path / case / source).exists(), source
         folders.append(str(tmp_path / case))
         expected.append(model(input_ids=ids).logits)
-    (tmp_path / "load.py").write_text(REMOTE_CODE_SCRIPT)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "ids.pt"), *folders],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for folder, logits in zip(folders, expected, strict=True):
-        assert torch.equal(torch.load(f"{folder}/remote_logits.pt"), logits), folder
+    remote_logits = run_remote_code_load(folders, ids, tmp_path)
+    for folder, remote, logits in zip(folders, remote_logits, expected, strict=True):
+        assert torch.equal(remote, logits), folder

@@ -2,10 +2,6 @@
 implementations, padding, gradient checkpointing, input validation."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, MoEMLP
 
-from .conftest import tiny_config
+from .conftest import run_remote_code_load, tiny_config
 
 
 def _model(seed: int = 0, **overrides) -> MoEForCausalLM:
@@ -167,59 +163,13 @@ def test_save_and_load_gives_bitwise_identical_logits(tmp_path):
     assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
-REMOTE_CODE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class HideModelingMoE(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name == "modeling_moe" or name.startswith("modeling_moe."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
-            return None
-
-    sys.meta_path.insert(0, HideModelingMoE())
-    try:
-        import modeling_moe  # noqa: F401
-        raise SystemExit("modeling_moe should not be importable here")
-    except ModuleNotFoundError:
-        pass
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder, ids_path, out_path = sys.argv[1:4]
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    ids = torch.load(ids_path)
-    torch.save(model(input_ids=ids).logits, out_path)
-    """
-)
-
-
-def run_remote_code_load(folder, ids: torch.Tensor, tmp_path) -> torch.Tensor:
-    """Load `folder` with trust_remote_code in a fresh process where `modeling_moe` cannot be imported."""
-    script, ids_path, out_path = tmp_path / "load.py", tmp_path / "ids.pt", tmp_path / "logits.pt"
-    script.write_text(REMOTE_CODE_SCRIPT)
-    torch.save(ids, ids_path)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(ids_path), str(out_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(out_path)
-
-
 def test_remote_code_load_without_the_package_gives_identical_logits(tmp_path):
     model = _model(expert_activation="swiglu", num_hidden_layers=3, moe_layers=[0, 2])
     folder = tmp_path / "exported"
     model.save_pretrained(folder)
     ids = _ids()
-    assert torch.equal(run_remote_code_load(folder, ids, tmp_path), model(input_ids=ids).logits)
+    (remote_logits,) = run_remote_code_load([folder], ids, tmp_path)
+    assert torch.equal(remote_logits, model(input_ids=ids).logits)
 
 
 def test_greedy_generation_with_cache_equals_without_cache():

@@ -26,22 +26,13 @@ from modeling_moe import MoEForCausalLM
 from modeling_moe.cli import train as moe_train
 from modeling_moe.training.data import default_corpus, tokenize_and_pack
 
+from .test_training import TINY as TRAINING_TINY
+
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 BLOCK_SIZE, EVAL_BLOCKS, STEPS = 32, 8, 4
 LAUNCH_TIMEOUT_S = 150
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "max_position_embeddings": 64,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "expert_intermediate_size": 32,
-    "vocab_size": 320,
-    "router_type": "softmax_top_k",
-}
+TINY = {**TRAINING_TINY, "router_type": "softmax_top_k"}
 SHARD_LOG = re.compile(r"expert parallel: rank (\d+) of (\d+) holds local expert weights (\{.*\})")
 
 
