@@ -1,13 +1,21 @@
-"""A fast experts implementation: sorted dispatch, one grouped matmul per projection, hand-written backward.
+"""A fast experts implementation: pairs sorted by expert, processed in cache-sized blocks, with a hand-written backward.
 
-SPEC §6 ("shrinking batch"): an expert sees about `k * tokens / n` rows, and small per-expert matmuls run far below
-the hardware's matmul speed. This module gathers every token-expert pair sorted by expert and runs each projection as
-*one* grouped matmul over all experts (`torch.nn.functional.grouped_mm` where the device and dtype support it, else one
-`torch.bmm` over per-expert batches padded to the largest expert's load). A custom `torch.autograd.Function` writes each
-weight gradient once, as the grouped product itself (no per-expert full-size zero gradient), keeps only the expert
-hidden activations for backward (or none of them, with `recompute_activations=True`: they are recomputed in backward,
-SPEC §6 "activation recomputation"), and needs no copy of the expert outputs for the routing-weight gradient
-(`d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>`).
+SPEC §6 ("shrinking batch"): an expert sees about `k * tokens / n` rows. On the CPU this project is developed on
+(README, "Performance"), one (256 x 512) @ (512 x 1024) expert matmul already runs at about the speed of the dense one;
+what makes a MoE layer slow there is the element-wise work around the matmuls. A fresh tensor of tens of MiB comes from
+`mmap` and page-faults on first touch: a ReLU over a (16384, 1024) fp32 tensor takes ~22 ms into fresh memory and
+~4.5 ms into reused memory, and a layer makes several such tensors (gathered inputs, pre-activations, expert outputs and
+their gradients). So here the token-expert pairs are sorted by expert and cut into blocks of whole experts of a few MiB;
+per block, the gather, one `mm` per expert on its exact rows (no padding), the activation, the routing weight and the
+scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator.
+
+Backward needs only the expert hidden activations, written once into one buffer, or nothing with
+`recompute_activations=True` (SPEC §6 "activation recomputation": recomputed per block). Each weight gradient is written
+once per expert straight into the gradient tensor (no full-size zero gradient per expert), and the routing-weight
+gradient `d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>` needs no copy of the expert outputs.
+
+On CUDA in bf16 (SM80+, aligned strides), where `torch.nn.functional.grouped_mm` is one grouped kernel, all rows form a
+single block and each product is one `grouped_mm` call.
 
 It is registered in transformers' experts interface under `"moe_fused"`, so any class decorated with
 `@use_experts_implementation` (ours, or e.g. OLMoE's) can select it with
@@ -18,6 +26,8 @@ Expert-parallel sentinels (expert ids `>= num_experts`: "expert on another rank"
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
@@ -25,17 +35,17 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 FAST_EXPERTS_IMPLEMENTATION = "moe_fused"
 
-# Cost, in padded rows, of copying one expert's weights for an overflow bucket (a 2-D weight copy moves about as many
-# bytes as ~16-32 rows cost in FLOPs at matmul speed on a CPU); keeps buckets from splitting off for a few rows.
-_BUCKET_COPY_ROWS = 32
+# Bytes of a block's widest temporary (rows x widest projection): a few MiB stay in L2/L3 and are reused from the
+# allocator's free lists (glibc maps anything above 32 MiB afresh), yet leave the per-block Python work negligible.
+BLOCK_BYTES = 4 * 2**20
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not hasattr(torch.nn.functional, "grouped_mm"):
+    """Whether `grouped_mm(a, b)` is one fast grouped kernel: CUDA, bf16, SM80+, 16-byte aligned strides and pointers."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or a.device.type != "cuda" or a.dtype != torch.bfloat16:
         return False
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (8, 0):
+    if torch.cuda.get_device_capability(a.device) < (8, 0):
         return False
-    # The kernels want 16-byte aligned strides and base pointers.
     align = 16 // a.element_size()
     for t in (a, b):
         if t.data_ptr() % 16 != 0 or any(
@@ -45,167 +55,133 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return True
 
 
-class _Dispatch:
-    """Token-expert pairs grouped by expert into a flat buffer of `num_rows` rows, and the matmuls over it.
+class _Segment(NamedTuple):
+    """Rows `[start, end)` of a block (relative to the block) that go to `expert`; `first`: the expert's first rows."""
 
-    Two layouts. *grouped* (CUDA, where `grouped_mm` is a real grouped kernel): the pairs sorted by expert, one
-    `grouped_mm` per product. *padded* (CPU, or where `grouped_mm` is unavailable; on CPU `grouped_mm` is a loop of
-    small matmuls, the shrinking-batch problem of SPEC §6): bucket 0 holds every expert's first `C0` rows as one
-    `(n, C0, d)` batch that multiplies the weights in place (no copy), and bucket 1 the overflow rows of the experts
-    holding more than `C0`, as `(m, C1, d)` against a copy of just those experts' weights; `C0` minimises the padded
-    rows plus the copies. Padding rows are zero on the inputs of every product, so they add nothing to any result.
-    Pairs routed to a sentinel id (`>= n`, expert-parallel: "expert on another rank") are dropped.
+    expert: int
+    start: int
+    end: int
+    first: bool
+
+
+class _Block(NamedTuple):
+    """Sorted rows `[start, end)`, made of whole experts (or part of one expert holding more than a block's rows)."""
+
+    start: int
+    end: int
+    segments: list[_Segment]
+
+
+class _SortedRouting:
+    """The token-expert pairs sorted by expert and cut into blocks, and the per-expert matmuls over a block's rows.
+
+    Sorted row `r` is pair `pair[r]` (= token * k + slot) of token `token[r]`; pairs routed to a sentinel id
+    (`>= num_experts`) are dropped. With `block_rows=None` all rows form one block. The matmuls are one `grouped_mm`
+    call over all rows when `grouped` (CUDA bf16), else one `mm` per expert segment into the caller's output rows.
     """
 
-    def __init__(self, top_k_index: torch.Tensor, num_experts: int, example: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, block_rows: int | None, grouped: bool) -> None:
         self.num_tokens, self.top_k = top_k_index.shape
+        self.num_pairs = top_k_index.numel()
         self.num_experts = num_experts
-        device = top_k_index.device
-        expert_ids = top_k_index.reshape(-1)
-        self.num_pairs = expert_ids.numel()
-        sorted_ids, perm = torch.sort(expert_ids, stable=True)
-        # Sentinels (ids >= n) all land in the extra bin n, which is then dropped.
+        sorted_ids, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        # Sentinels all land in the extra bin `num_experts`, which is dropped.
         counts = torch.bincount(sorted_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-        self.offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        self.num_valid = int(self.offsets[-1])
-        self.perm = perm[: self.num_valid]  # flat pair index (token * k + slot) of each row, sorted by expert
-        self.token = self.perm // self.top_k
-        # grouped_mm on CUDA is a real grouped kernel for bf16 (SM80+); elsewhere it loops over small matmuls.
-        self.grouped = (
-            example.device.type == "cuda"
-            and example.dtype == torch.bfloat16
-            and _grouped_mm_ok(example, weight.transpose(1, 2))
-        )
-        self._weight_copies: dict[int, tuple[torch.Tensor, tuple[int, ...]]] = {}
-        if self.grouped:
-            self.num_rows, self.position = self.num_valid, None
-            self.row_token = self.token
-            self.pair_row = torch.empty_like(perm)
-            self.pair_row[self.perm] = torch.arange(self.num_valid, device=device)
-            return
+        self.offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # end row of each expert (grouped_mm's offs)
         counts_list = counts.tolist()
-        max_count = max(counts_list, default=0)
-        # Choose C0 among the distinct loads: cost = n * C0 + m(C0) * (max - C0 + copy), m(C0) = #experts above C0.
-        best_cost, c0 = num_experts * max_count, max_count
-        for cap in sorted(set(counts_list)):
-            above = sum(1 for c in counts_list if c > cap)
-            cost = num_experts * cap + above * (max_count - cap + _BUCKET_COPY_ROWS)
-            if cost < best_cost:
-                best_cost, c0 = cost, cap
-        self.capacity0, self.capacity1 = c0, max_count - c0
-        self.overflow = torch.tensor([e for e, c in enumerate(counts_list) if c > c0], device=device, dtype=torch.long)
-        num_overflow = self.overflow.numel()
-        self.num_rows = num_experts * c0 + num_overflow * self.capacity1
-        # Row of every sorted pair in the padded buffer.
-        expert = torch.repeat_interleave(torch.arange(num_experts, device=device), counts)
-        rank = torch.arange(self.num_valid, device=device) - (self.offsets.long() - counts)[expert]
-        slot = torch.full((num_experts,), -1, device=device, dtype=torch.long)
-        slot[self.overflow] = torch.arange(num_overflow, device=device)
-        self.position = torch.where(
-            rank < c0,
-            expert * c0 + rank,
-            num_experts * c0 + slot[expert] * self.capacity1 + (rank - c0),
-        )
-        # Token of every buffer row; padding rows read the zero row appended after the last token.
-        self.row_token = torch.full((self.num_rows,), self.num_tokens, device=device, dtype=torch.long)
-        self.row_token[self.position] = self.token
-        # Buffer row of every (token, slot) pair, for the way back (sentinel pairs: see `scatter_sum`).
-        self.pair_row = torch.zeros(self.num_pairs, device=device, dtype=torch.long)
-        self.pair_row[self.perm] = self.position
+        self.num_rows = sum(counts_list)
+        self.pair = order[: self.num_rows]
+        self.token = self.pair // self.top_k
+        self.empty_experts = [e for e, c in enumerate(counts_list) if c == 0]
+        self.grouped = grouped
+        if grouped:
+            self.blocks = [_Block(0, self.num_rows, [])]
+        else:
+            self.blocks = self._cut(counts_list, self.num_rows if block_rows is None else block_rows)
 
-    def gather(self, source: torch.Tensor) -> torch.Tensor:
-        """Buffer rows `(num_rows, d)` from per-token `source` `(num_tokens, d)` in one gather (zero padding)."""
-        if self.position is None:
-            return source.index_select(0, self.row_token)
-        source = torch.cat([source, source.new_zeros(1, source.shape[-1])])
-        return source.index_select(0, self.row_token)
+    @staticmethod
+    def _cut(counts: list[int], block_rows: int) -> list[_Block]:
+        """Greedy blocks of whole experts up to `block_rows` rows; an expert above that gets blocks of its own."""
+        blocks: list[_Block] = []
+        segments: list[_Segment] = []
+        start = fill = 0
 
-    def place(self, rows: torch.Tensor) -> torch.Tensor:
-        """Sorted per-pair values `(S_valid, ...)` into buffer rows (zero padding)."""
-        if self.position is None:
-            return rows
-        buffer = rows.new_zeros(self.num_rows, *rows.shape[1:])
-        return buffer.index_copy_(0, self.position, rows)
+        def close() -> None:
+            nonlocal segments, start, fill
+            if segments:
+                blocks.append(_Block(start, start + fill, segments))
+            segments, start, fill = [], start + fill, 0
 
-    def take(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Buffer rows back to sorted per-pair values `(S_valid, ...)`."""
-        return buffer if self.position is None else buffer.index_select(0, self.position)
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            if fill + count > block_rows:
+                close()
+            for part in range(0, count, block_rows):
+                rows = min(block_rows, count - part)
+                if fill + rows > block_rows:
+                    close()
+                segments.append(_Segment(expert, fill, fill + rows, part == 0))
+                fill += rows
+        close()
+        return blocks
 
-    def scatter_sum(self, buffer: torch.Tensor) -> torch.Tensor:
-        """Sum the per-pair buffer rows onto their tokens: `(num_tokens, d)`, accumulated in fp32 if low precision.
-
-        A scatter to pair order then a sum over the k slots: deterministic (no atomic adds) and parallel.
-        """
-        acc_dtype = torch.float32 if buffer.dtype in (torch.float16, torch.bfloat16) else buffer.dtype
-        if self.num_valid == self.num_pairs:
-            full = buffer.index_select(0, self.pair_row)
-        else:  # sentinel pairs contribute zero
-            full = buffer.new_zeros(self.num_pairs, buffer.shape[-1])
-            full.index_copy_(0, self.perm, self.take(buffer))
-        return full.view(self.num_tokens, self.top_k, -1).sum(dim=1, dtype=acc_dtype)
-
-    def _overflow_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """The overflow experts' slice of `weight`, copied once per parameter and reused by its transposed view.
-
-        The copies are keyed by `data_ptr()`, which identifies a weight only while the caller holds it: call
-        `release_weight_copies` at the end of every forward and backward pass.
-        """
-        key = weight.data_ptr()
-        if key in self._weight_copies:
-            copy, stride = self._weight_copies[key]
-            if stride == weight.stride():
-                return copy
-            if stride[:-2] == weight.stride()[:-2] and stride[-2:] == weight.stride()[::-1][:2]:
-                return copy.transpose(1, 2)
-        copy = weight.index_select(0, self.overflow)
-        self._weight_copies[key] = (copy, weight.stride())
-        return copy
-
-    def release_weight_copies(self) -> None:
-        """Drop the overflow weight copies (end of a forward or backward pass).
-
-        A saved parameter can live in different storage in backward than in forward (FSDP2 frees the unsharded
-        parameters after forward and gathers them again, into new memory, before backward), and another weight can
-        then sit at an address a forward copy is keyed by: a copy kept across passes would be read for the wrong
-        weight. Dropping them also keeps them out of the memory held between forward and backward.
-        """
-        self._weight_copies.clear()
-
-    def _buckets(self, buffer: torch.Tensor, weight: torch.Tensor | None):
-        """(rows of bucket as (experts, capacity, d), that bucket's experts' weights or None, expert ids or None)."""
-        n, c0, c1 = self.num_experts, self.capacity0, self.capacity1
-        d = buffer.shape[-1]
-        yield 0, buffer[: n * c0].view(n, c0, d), weight, None
-        if self.overflow.numel() > 0:
-            m = self.overflow.numel()
-            part = buffer[n * c0 :].view(m, c1, d)
-            yield n * c0, part, (self._overflow_weight(weight) if weight is not None else None), self.overflow
-
-    def mm(self, buffer: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Each row `(K,)` of the buffer times its expert's `weight[e]` `(K, N)` -> `(num_rows, N)`."""
-        if self.num_rows == 0:
-            return buffer.new_zeros(0, weight.shape[-1])
+    def mm(self, rows: torch.Tensor, weight: torch.Tensor, block: _Block, out: torch.Tensor) -> torch.Tensor:
+        """Each row `(K,)` of the block times its expert's `weight[e]` `(K, N)`, into `out` `(block rows, N)`."""
         if self.grouped:
-            return torch.nn.functional.grouped_mm(buffer, weight, offs=self.offsets)
-        out = buffer.new_empty(self.num_rows, weight.shape[-1])
-        for start, rows, w, _ in self._buckets(buffer, weight):
-            experts, capacity = rows.shape[:2]
-            if capacity > 0:
-                torch.bmm(rows, w, out=out[start : start + experts * capacity].view(experts, capacity, w.shape[-1]))
+            return out.copy_(torch.nn.functional.grouped_mm(rows, weight, offs=self.offsets))
+        for segment in block.segments:
+            torch.mm(rows[segment.start : segment.end], weight[segment.expert], out=out[segment.start : segment.end])
         return out
 
-    def mm_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-expert `a_e^T @ b_e` over the buffer rows `a` `(R, M)`, `b` `(R, N)` -> `(n, M, N)` (zero if empty)."""
-        if self.num_rows == 0:
-            return a.new_zeros(self.num_experts, a.shape[-1], b.shape[-1])
+    def weight_grad(self, a: torch.Tensor, b: torch.Tensor, block: _Block, grad: torch.Tensor) -> None:
+        """`grad[e] (+)= a_e^T @ b_e` over the block's rows `a` `(rows, M)`, `b` `(rows, N)`; `grad` `(n, M, N)`."""
         if self.grouped:
-            return torch.nn.functional.grouped_mm(a.t(), b, offs=self.offsets)
-        (_, a0, _, _), *rest = self._buckets(a, None)
-        (_, b0, _, _), *rest_b = self._buckets(b, None)
-        grad = torch.bmm(a0.transpose(1, 2), b0)
-        for (_, a1, _, experts), (_, b1, _, _) in zip(rest, rest_b, strict=True):
-            grad.index_add_(0, experts, torch.bmm(a1.transpose(1, 2), b1))
+            grad.copy_(torch.nn.functional.grouped_mm(a.t(), b, offs=self.offsets))
+            return
+        for s in block.segments:
+            if s.first:
+                torch.mm(a[s.start : s.end].t(), b[s.start : s.end], out=grad[s.expert])
+            else:  # the rest of an expert larger than a block
+                grad[s.expert].addmm_(a[s.start : s.end].t(), b[s.start : s.end])
+
+    def new_grad(self, weight: torch.Tensor) -> torch.Tensor:
+        """An uninitialised gradient for `weight` `(n, M, N)` whose experts without rows are zero (the rest is written)."""
+        grad = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        if self.empty_experts:
+            grad[self.empty_experts] = 0
         return grad
+
+
+class _TokenSum:
+    """Per-token sums of per-row values `(rows, d)` -> `(num_tokens, d)`, accumulated in fp32 for low precision.
+
+    On the CPU an `index_add_` per block (deterministic there); on CUDA, where `index_add_` uses atomics, the rows are
+    placed in pair order and summed over the k slots.
+    """
+
+    def __init__(self, routing: _SortedRouting, like: torch.Tensor) -> None:
+        self.routing = routing
+        self.dtype = like.dtype
+        self.acc_dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
+        self.pairwise = like.device.type == "cuda"
+        rows = routing.num_pairs if self.pairwise else routing.num_tokens
+        self.total = torch.zeros(
+            rows, like.shape[-1], dtype=self.acc_dtype if not self.pairwise else like.dtype, device=like.device
+        )
+
+    def add(self, block: _Block, values: torch.Tensor) -> None:
+        if self.pairwise:
+            self.total.index_copy_(0, self.routing.pair[block.start : block.end], values)
+        else:
+            self.total.index_add_(0, self.routing.token[block.start : block.end], values.to(self.acc_dtype))
+
+    def result(self) -> torch.Tensor:
+        if self.pairwise:
+            routing = self.routing
+            summed = self.total.view(routing.num_tokens, routing.top_k, -1).sum(dim=1, dtype=self.acc_dtype)
+            return summed.to(self.dtype)
+        return self.total.to(self.dtype)
 
 
 def _activation_kind(act_fn: nn.Module) -> str:
@@ -244,6 +220,64 @@ def _hidden_backward(
     return grad_pre
 
 
+def _up_and_hidden(
+    routing: _SortedRouting,
+    block: _Block,
+    x_rows: torch.Tensor,
+    up_t: torch.Tensor,
+    gated: bool,
+    act_fn: nn.Module,
+    relu: bool,
+    out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-activation, hidden activation) of a block's rows; written into `out` if given (the stored activations:
+    the hidden activation for a plain ReLU, whose derivative it gives, else the pre-activation)."""
+    if out is None:
+        out = x_rows.new_empty(x_rows.shape[0], up_t.shape[-1])
+    pre = routing.mm(x_rows, up_t, block, out)
+    if relu:
+        hidden = pre.relu_()  # relu'(pre) = (hidden > 0): the pre-activation is not needed
+        return hidden, hidden
+    return pre, _hidden(pre, gated, act_fn)
+
+
+def _experts_forward(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_weight: torch.Tensor,
+    gated: bool,
+    act_fn: nn.Module,
+    store: bool,
+) -> tuple[torch.Tensor, _SortedRouting, torch.Tensor, torch.Tensor | None]:
+    """(output `(num_tokens, hidden)`, routing, per-row routing weights, stored activations or None).
+
+    Stored (when `store`): the hidden activations `(rows, expert hidden)` for a plain ReLU, whose derivative they give,
+    else the pre-activations `(rows, up width)`.
+    """
+    # Weights are stored (n, out, in) as in nn.Linear; the transposed (n, in, out) views cost nothing.
+    up_t, down_t = up_weight.transpose(1, 2), down_weight.transpose(1, 2)
+    grouped = _grouped_mm_ok(hidden_states, up_t) and _grouped_mm_ok(hidden_states, down_t)
+    block_rows = None
+    if not grouped and hidden_states.device.type == "cpu":  # cache-sized blocks; one block on accelerators
+        block_rows = max(1, BLOCK_BYTES // (max(up_weight.shape[1:]) * hidden_states.element_size()))
+    routing = _SortedRouting(top_k_index, up_weight.shape[0], block_rows, grouped)
+    relu = _activation_kind(act_fn) == "relu" and not gated
+    stored = None
+    if store:
+        stored = hidden_states.new_empty(routing.num_rows, down_weight.shape[-1] if relu else up_weight.shape[1])
+    weights_rows = top_k_weights.reshape(-1)[routing.pair].to(hidden_states.dtype)
+    output = _TokenSum(routing, hidden_states)
+    for block in routing.blocks:
+        x_rows = hidden_states.index_select(0, routing.token[block.start : block.end])
+        out = None if stored is None else stored[block.start : block.end]
+        _, hidden = _up_and_hidden(routing, block, x_rows, up_t, gated, act_fn, relu, out)
+        out = routing.mm(hidden, down_t, block, x_rows.new_empty(x_rows.shape[0], down_t.shape[-1]))
+        output.add(block, out.mul_(weights_rows[block.start : block.end, None]))
+    return output.result(), routing, weights_rows, stored
+
+
 class _FusedExperts(torch.autograd.Function):
     """y_t = sum_{slots j} w_{t,j} * down[e_{t,j}] @ act(up[e_{t,j}] @ x_t), over the non-sentinel slots (SPEC §1)."""
 
@@ -259,66 +293,61 @@ class _FusedExperts(torch.autograd.Function):
         act_fn: nn.Module,
         recompute: bool,
     ) -> torch.Tensor:
-        dispatch = _Dispatch(top_k_index, up_weight.shape[0], hidden_states, up_weight)
-        x_rows = dispatch.gather(hidden_states)
-        # Weights are stored (n, out, in) as in nn.Linear; the transposed views cost nothing.
-        pre = dispatch.mm(x_rows, up_weight.transpose(1, 2))
-        hidden = _hidden(pre, gated, act_fn)
-        out = dispatch.mm(hidden, down_weight.transpose(1, 2))
-        weights_rows = dispatch.place(top_k_weights.reshape(-1)[dispatch.perm])
-        out.mul_(weights_rows.to(out.dtype).unsqueeze(-1))
-        result = dispatch.scatter_sum(out).to(hidden_states.dtype)
-        del out
-        dispatch.release_weight_copies()
-
+        output, routing, weights_rows, stored = _experts_forward(
+            hidden_states, top_k_index, top_k_weights, up_weight, down_weight, gated, act_fn, store=not recompute
+        )
         kind = _activation_kind(act_fn)
-        ctx.dispatch, ctx.gated, ctx.act_fn, ctx.kind, ctx.recompute = dispatch, gated, act_fn, kind, recompute
+        ctx.routing, ctx.gated, ctx.act_fn, ctx.kind, ctx.relu = (
+            routing,
+            gated,
+            act_fn,
+            kind,
+            kind == "relu" and not gated,
+        )
         ctx.weights_dtype = top_k_weights.dtype
-        if recompute:  # keep nothing of size (rows, d): the backward gathers and recomputes them
-            saved_pre = x_rows = None
-        elif kind == "relu" and not gated:
-            saved_pre = hidden  # relu'(pre) = (hidden > 0): the pre-activation need not be kept as well
-        else:
-            saved_pre = pre
-        ctx.save_for_backward(hidden_states, weights_rows, up_weight, down_weight, saved_pre, x_rows)
-        return result
+        ctx.save_for_backward(hidden_states, weights_rows, up_weight, down_weight, stored)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        hidden_states, weights_rows, up_weight, down_weight, saved_pre, x_rows = ctx.saved_tensors
-        dispatch: _Dispatch = ctx.dispatch
+        hidden_states, weights_rows, up_weight, down_weight, stored = ctx.saved_tensors
+        routing: _SortedRouting = ctx.routing
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]
-        if x_rows is None:
-            x_rows = dispatch.gather(hidden_states)
-        if saved_pre is None:  # activation recomputation (SPEC §6)
-            pre = dispatch.mm(x_rows, up_weight.transpose(1, 2))
-            hidden = _hidden(pre, ctx.gated, ctx.act_fn)
-        elif ctx.kind == "relu" and not ctx.gated:
-            hidden = pre = saved_pre  # saved the ReLU output: (hidden > 0) == (pre > 0)
-        else:
-            pre = saved_pre
-            hidden = _hidden(pre, ctx.gated, ctx.act_fn)
-
-        grad_rows = dispatch.gather(grad_output)  # dL/dy of each pair's token (zero on padding rows)
-        # d(down[e] h) / dh = down[e]^T g, before the routing weight: also gives dL/dw = <down[e]^T g, h>.
-        grad_hidden = dispatch.mm(grad_rows, down_weight)
+        up_t = up_weight.transpose(1, 2)
+        grad_output = grad_output.to(hidden_states.dtype)
+        grad_up = routing.new_grad(up_weight) if need_up else None
+        grad_down = routing.new_grad(down_weight) if need_down else None
+        grad_x = _TokenSum(routing, hidden_states) if need_x else None
+        grad_w_rows = torch.empty(routing.num_rows, device=weights_rows.device, dtype=torch.float32) if need_w else None
+        for block in routing.blocks:
+            tokens = routing.token[block.start : block.end]
+            w = weights_rows[block.start : block.end, None]
+            x_rows = hidden_states.index_select(0, tokens)
+            if stored is None:  # activation recomputation (SPEC §6)
+                pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, ctx.gated, ctx.act_fn, ctx.relu, None)
+            elif ctx.relu:
+                pre = hidden = stored[block.start : block.end]
+            else:
+                pre = stored[block.start : block.end]
+                hidden = _hidden(pre, ctx.gated, ctx.act_fn)
+            grad_rows = grad_output.index_select(0, tokens)  # dL/dy of each row's token
+            # d(down[e] h) / dh = down[e]^T g, before the routing weight: also gives dL/dw = <down[e]^T g, h>.
+            grad_hidden = routing.mm(grad_rows, down_weight, block, x_rows.new_empty(len(tokens), hidden.shape[-1]))
+            if need_w:
+                grad_w_rows[block.start : block.end] = torch.linalg.vecdot(grad_hidden.float(), hidden.float())
+            if need_down:
+                routing.weight_grad(grad_rows.mul_(w), hidden, block, grad_down)
+            grad_pre = _hidden_backward(pre, grad_hidden.mul_(w), ctx.gated, ctx.act_fn, ctx.kind)
+            if need_up:
+                routing.weight_grad(grad_pre, x_rows, block, grad_up)
+            if need_x:
+                grad_x.add(block, routing.mm(grad_pre, up_weight, block, x_rows))  # x_rows is free: reuse it
         grad_weights = None
         if need_w:
-            grad_w_sorted = dispatch.take((grad_hidden.float() * hidden.float()).sum(-1))
-            grad_weights = torch.zeros(dispatch.num_pairs, device=grad_w_sorted.device, dtype=ctx.weights_dtype)
-            grad_weights.index_copy_(0, dispatch.perm, grad_w_sorted.to(ctx.weights_dtype))
-            grad_weights = grad_weights.view(dispatch.num_tokens, dispatch.top_k)
-        w = weights_rows.to(grad_rows.dtype).unsqueeze(-1)
-        grad_down = dispatch.mm_weight(grad_rows.mul_(w), hidden) if need_down else None
-        del hidden, grad_rows
-        grad_pre = _hidden_backward(pre, grad_hidden.mul_(w), ctx.gated, ctx.act_fn, ctx.kind)
-        del pre, grad_hidden
-        grad_up = dispatch.mm_weight(grad_pre, x_rows) if need_up else None
-        del x_rows
-        grad_x = None
-        if need_x:
-            grad_x = dispatch.scatter_sum(dispatch.mm(grad_pre, up_weight)).to(hidden_states.dtype)
-        dispatch.release_weight_copies()
+            grad_weights = torch.zeros(routing.num_pairs, device=grad_w_rows.device, dtype=ctx.weights_dtype)
+            grad_weights.index_copy_(0, routing.pair, grad_w_rows.to(ctx.weights_dtype))
+            grad_weights = grad_weights.view(routing.num_tokens, routing.top_k)
+        grad_x = grad_x.result() if need_x else None
         return grad_x, None, grad_weights, grad_up, grad_down, None, None, None
 
 
@@ -353,6 +382,12 @@ def fused_experts_forward(
     if top_k_index.numel() > 0 and int(top_k_index.min()) < 0:
         raise ValueError(f"`top_k_index` contains a negative expert id {int(top_k_index.min())}.")
     recompute = bool(getattr(getattr(self, "config", None), "expert_recompute_activations", False))
+    if not torch.is_grad_enabled() or not any(
+        t.requires_grad for t in (hidden_states, top_k_weights, up_weight, down_weight)
+    ):  # inference: nothing to store for a backward
+        return _experts_forward(
+            hidden_states, top_k_index, top_k_weights, up_weight, down_weight, gated, self.act_fn, store=False
+        )[0]
     return _FusedExperts.apply(
         hidden_states, top_k_index, top_k_weights, up_weight, down_weight, gated, self.act_fn, recompute
     )
