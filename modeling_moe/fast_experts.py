@@ -138,6 +138,8 @@ class _SortedRouting:
         """`grad[e] (+)= a_e^T @ b_e` over the block's rows `a` `(rows, M)`, `b` `(rows, N)`; `grad` `(n, M, N)`."""
         if self.grouped:
             grad.copy_(torch.nn.functional.grouped_mm(a.t(), b, offs=self.offsets))
+            if self.empty_experts:  # not every grouped kernel writes the groups without rows
+                grad[self.empty_experts] = 0
             return
         for s in block.segments:
             if s.first:
@@ -145,12 +147,15 @@ class _SortedRouting:
             else:  # the rest of an expert larger than a block
                 grad[s.expert].addmm_(a[s.start : s.end].t(), b[s.start : s.end])
 
-    def new_grad(self, weight: torch.Tensor) -> torch.Tensor:
-        """An uninitialised gradient for `weight` `(n, M, N)` whose experts without rows are zero (the rest is written)."""
-        grad = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        if self.empty_experts:
-            grad[self.empty_experts] = 0
-        return grad
+    @staticmethod
+    def new_grad(weight: torch.Tensor) -> torch.Tensor:
+        """A zero gradient for `weight` `(n, M, N)`, to be written per expert (experts without rows stay zero).
+
+        Zeroed up front rather than left uninitialised: a fresh gradient of hundreds of MiB is new memory whose pages
+        fault on first write, and faulting them in one parallel fill is far cheaper than inside the many small
+        weight-gradient matmuls (1024 experts, 16 rows each: 2.9 s vs 4.5 s per layer step, README "Performance").
+        """
+        return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 class _TokenSum:
