@@ -38,6 +38,7 @@ from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_IMPLEMENTATIONS = (FAST_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
+RECOMPUTE = f"{FAST_EXPERTS_IMPLEMENTATION}+recompute"
 
 
 def _sync(device: torch.device) -> None:
@@ -45,13 +46,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_times(variants: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median wall time of each variant; one warm-up each, then the variants interleaved in every repeat."""
+def _median_times(
+    variants: dict[str, Callable[[], None]],
+    repeats: int,
+    device: torch.device,
+    reset: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median wall time of each variant; one warm-up each, then the variants interleaved in every repeat.
+
+    `reset` runs untimed before every call (dropping the gradients the previous variant left: freeing GiBs of them
+    would otherwise be charged to whichever variant runs next).
+    """
     times: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():
+        if reset is not None:
+            reset()
         fn()
     for _ in range(repeats):
         for name, fn in variants.items():
+            if reset is not None:
+                reset()
             _sync(device)
             start = time.perf_counter()
             fn()
@@ -146,39 +160,38 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 x = torch.randn(num_tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
                 params = [x, *layer.parameters(), *dense.parameters()]
 
-                def step(
-                    module: nn.Module, implementation: str | None = None, config=config, x=x, params=params
-                ) -> Callable[[], None]:
+                def drop_grads(params=params) -> None:
+                    for p in params:
+                        p.grad = None
+
+                def select(implementation: str | None, recompute: bool, config=config) -> None:
+                    if implementation is not None:
+                        config._experts_implementation_internal = implementation
+                    config.expert_recompute_activations = recompute
+
+                def step(module: nn.Module, *selection, x=x) -> Callable[[], None]:
                     def run() -> None:
-                        if implementation is not None:
-                            config._experts_implementation_internal = implementation
-                        for p in params:
-                            p.grad = None
+                        select(*selection)
                         module(x).float().sum().backward()
 
                     return run
 
-                variants = {"dense": step(dense)}
+                # name -> (module, experts implementation, recompute)
+                specs = {"dense": (dense, None, False)}
                 for name in args.implementations:
-                    if name == "eager" and num_experts > args.eager_max_experts:
-                        continue
-                    variants[name] = step(layer, name)
-                times = _median_times(variants, args.repeats, device)
+                    if name != "eager" or num_experts <= args.eager_max_experts:
+                        specs[name] = (layer, name, False)
+                specs[RECOMPUTE] = (layer, FAST_EXPERTS_IMPLEMENTATION, True)
+                variants = {name: step(*spec) for name, spec in specs.items()}
+                times = _median_times(variants, args.repeats, device, reset=drop_grads)
                 memory = {}
-                for name in variants:
-                    impl = None if name == "dense" else name
-                    module = dense if name == "dense" else layer
-                    if impl is not None:
-                        config._experts_implementation_internal = impl
+                for name, (module, *selection) in specs.items():
+                    select(*selection)
+                    drop_grads()
                     memory[name] = (_saved_bytes(lambda m=module, x=x: m(x)), _peak_cuda_bytes(variants[name], device))
-                config._experts_implementation_internal = FAST_EXPERTS_IMPLEMENTATION
-                config.expert_recompute_activations = True
-                recompute_time = _median_times({"r": variants[FAST_EXPERTS_IMPLEMENTATION]}, args.repeats, device)["r"]
-                recompute_memory = (
-                    _saved_bytes(lambda m=layer, x=x: m(x)),
-                    _peak_cuda_bytes(variants[FAST_EXPERTS_IMPLEMENTATION], device),
-                )
-                config.expert_recompute_activations = False
+                drop_grads()
+                select(FAST_EXPERTS_IMPLEMENTATION, False)
+                recompute_time, recompute_memory = times.pop(RECOMPUTE), memory.pop(RECOMPUTE)
                 fused = times[FAST_EXPERTS_IMPLEMENTATION]
                 row = {
                     "experts": num_experts,
@@ -281,7 +294,6 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 def run() -> None:
                     model.set_experts_implementation(implementation)
                     model.train()
-                    model.zero_grad(set_to_none=True)
                     model(input_ids=ids, labels=ids).loss.backward()
 
                 return run
@@ -297,9 +309,13 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
 
                 return run
 
-            train = _median_times({n: train_step(*v) for n, v in variants.items()}, args.repeats, device)
-            for model in (ours, olmoe):
-                model.zero_grad(set_to_none=True)
+            def drop_grads(models=(ours, olmoe)) -> None:
+                for model in models:
+                    model.zero_grad(set_to_none=True)
+
+            train = {n: train_step(*v) for n, v in variants.items()}
+            train = _median_times(train, args.repeats, device, reset=drop_grads)
+            drop_grads()
             gen = _median_times({n: generate(*v) for n, v in variants.items()}, args.repeats, device)
             reference = "OlmoeForCausalLM (grouped_mm)"
             for name in variants:
