@@ -2,10 +2,10 @@
 
 Layer mode (SPEC §6-7: "capacity at nearly constant cost per token"): for every (experts, k, tokens) it times
 forward+backward of one MoE layer (a softmax top-k gate and the experts, through each experts implementation) and of
-the dense feed-forward layer with the same active parameters (hidden `k * expert_hidden`), interleaving the variants
-and taking the median of the repeats, and reports tokens/s, the ratio of each time to the dense one, the speed-up of
-`moe_fused` over transformers' `eager` and `grouped_mm`, and memory: the bytes saved for backward (exact, any device)
-and, on CUDA, the peak allocated memory.
+the dense feed-forward layer with the same active parameters (hidden `k * expert_hidden`), running the variants in a
+new random order every repeat and taking the median, and reports tokens/s, the ratio of each time to the dense one,
+the speed-up of `moe_fused` over transformers' `eager` and `grouped_mm`, and memory: the bytes saved for backward
+(exact, any device) and, on CUDA, the peak allocated memory.
 
 Model mode: training (forward+backward) and greedy generation tokens/s of `MoEForCausalLM` (with `moe_fused` and with
 transformers' `grouped_mm`) against transformers' `OlmoeForCausalLM` (with `grouped_mm`, and with `moe_fused`, which
@@ -23,6 +23,7 @@ import argparse
 import gc
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -52,18 +53,21 @@ def _median_times(
     device: torch.device,
     reset: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Median wall time of each variant; one warm-up each, then the variants interleaved in every repeat.
+    """Median wall time of each variant; one warm-up each, then every repeat runs all variants in a new random order.
 
-    `reset` runs untimed before every call (dropping the gradients the previous variant left: freeing GiBs of them
-    would otherwise be charged to whichever variant runs next).
+    The order is shuffled because on a CPU one variant's memory traffic (GiBs of gradients freed and mapped afresh)
+    changes the next one's time. `reset` runs untimed before every call (dropping the gradients the previous variant
+    left: freeing them would otherwise be charged to whichever variant runs next).
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = random.Random(0)
     for fn in variants.values():
         if reset is not None:
             reset()
         fn()
     for _ in range(repeats):
-        for name, fn in variants.items():
+        for name in order.sample(list(variants), len(variants)):
+            fn = variants[name]
             if reset is not None:
                 reset()
             _sync(device)
@@ -461,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_layer_benchmark(layer_args, device, dtype)
         text = (
             f"MoE layer forward+backward, {machine}, {args.dtype}, hidden {args.hidden}, expert hidden "
-            f"{args.expert_hidden}, {layer_args.activation} experts, median of {args.repeats} interleaved repeats.\n\n"
+            f"{args.expert_hidden}, {layer_args.activation} experts, median of {args.repeats} repeats (variants interleaved, shuffled).\n\n"
             f"{_layer_table(rows, layer_args)}\n"
         )
         _atomic_write(args.output_dir / "benchmark_layer.md", lambda p: Path(p).write_text(text))
@@ -474,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Whole model, {machine}, {args.dtype}: {args.layers} layers, hidden {args.hidden}, expert hidden "
             f"{args.expert_hidden}, {model_args.activation} experts, vocab {args.vocab}; training on "
             f"{args.batch}x{args.seq_len} tokens, greedy generation of {args.new_tokens} tokens for {args.batch} "
-            f"prompts; median of {args.repeats} interleaved repeats.\n\n{_model_table(rows)}\n"
+            f"prompts; median of {args.repeats} repeats (variants interleaved, shuffled).\n\n{_model_table(rows)}\n"
         )
         _atomic_write(args.output_dir / "benchmark_model.md", lambda p: Path(p).write_text(text))
     print(f"wrote {args.output_dir}", flush=True)
