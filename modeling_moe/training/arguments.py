@@ -47,7 +47,7 @@ class ModelArguments:
     )
     experts_implementation: str | None = field(
         default=None,
-        metadata={"help": "Experts kernel: 'eager', 'grouped_mm' or 'batched_mm' (default: transformers')."},
+        metadata={"help": "Experts kernel: 'moe_fused' (the default), 'eager', 'grouped_mm' or 'batched_mm'."},
     )
 
 
