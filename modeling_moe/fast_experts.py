@@ -10,7 +10,7 @@ per block, the gather, one `mm` per expert on its exact rows (no padding), the a
 scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator.
 
 Backward needs only the expert hidden activations, written once into one buffer, or nothing with
-`recompute_activations=True` (SPEC §6 "activation recomputation": recomputed per block). Each weight gradient is written
+`MoEConfig(expert_recompute_activations=True)` (SPEC §6 "activation recomputation": recomputed per block). Each weight gradient is written
 once per expert straight into the gradient tensor (no full-size zero gradient per expert), and the routing-weight
 gradient `d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>` needs no copy of the expert outputs.
 
