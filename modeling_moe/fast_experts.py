@@ -10,9 +10,9 @@ per block, the gather, one `mm` per expert on its exact rows (no padding), the a
 scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator.
 
 Backward needs only the expert hidden activations, written once into one buffer, or nothing with
-`MoEConfig(expert_recompute_activations=True)` (SPEC §6 "activation recomputation": recomputed per block). Each weight gradient is written
-once per expert straight into the gradient tensor (no full-size zero gradient per expert), and the routing-weight
-gradient `d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>` needs no copy of the expert outputs.
+`MoEConfig(expert_recompute_activations=True)` (SPEC §6 "activation recomputation": recomputed per block). Each
+weight gradient is written once per expert straight into the gradient tensor (no full-size zero gradient per expert),
+and the routing-weight gradient `d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>` needs no copy of the expert outputs.
 
 On CUDA in bf16 (SM80+, aligned strides), where `torch.nn.functional.grouped_mm` is one grouped kernel, all rows form a
 single block and each product is one `grouped_mm` call.
@@ -43,7 +43,7 @@ _ZERO_FILL_BELOW_ROWS_PER_EXPERT = 64
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `grouped_mm(a, b)` is one fast grouped kernel: CUDA, bf16, SM80+, 16-byte aligned strides and pointers."""
+    """Whether `grouped_mm(a, b)` is one fast grouped kernel: CUDA, bf16, SM80+, 16-byte aligned strides, pointers."""
     if not hasattr(torch.nn.functional, "grouped_mm") or a.device.type != "cuda" or a.dtype != torch.bfloat16:
         return False
     if torch.cuda.get_device_capability(a.device) < (8, 0):
@@ -204,6 +204,12 @@ def _activation_kind(act_fn: nn.Module) -> str:
     return "generic"
 
 
+def _stores_hidden(act_fn: nn.Module, gated: bool) -> bool:
+    """Whether backward keeps the hidden activation rather than the pre-activation: a plain ReLU, whose derivative
+    `(hidden > 0)` the hidden activation gives."""
+    return _activation_kind(act_fn) == "relu" and not gated
+
+
 def _hidden(pre: torch.Tensor, gated: bool, act_fn: nn.Module) -> torch.Tensor:
     """Expert hidden activation from the up projection `pre` (`[gate; up]` halves when gated)."""
     if gated:
@@ -275,7 +281,7 @@ def _experts_forward(
     if not grouped and hidden_states.device.type == "cpu":  # cache-sized blocks; one block on accelerators
         block_rows = max(1, BLOCK_BYTES // (max(up_weight.shape[1:]) * hidden_states.element_size()))
     routing = _SortedRouting(top_k_index, up_weight.shape[0], block_rows, grouped)
-    relu = _activation_kind(act_fn) == "relu" and not gated
+    relu = _stores_hidden(act_fn, gated)
     stored = None
     if store:
         stored = hidden_states.new_empty(routing.num_rows, down_weight.shape[-1] if relu else up_weight.shape[1])
@@ -308,14 +314,8 @@ class _FusedExperts(torch.autograd.Function):
         output, routing, weights_rows, stored = _experts_forward(
             hidden_states, top_k_index, top_k_weights, up_weight, down_weight, gated, act_fn, store=not recompute
         )
-        kind = _activation_kind(act_fn)
-        ctx.routing, ctx.gated, ctx.act_fn, ctx.kind, ctx.relu = (
-            routing,
-            gated,
-            act_fn,
-            kind,
-            kind == "relu" and not gated,
-        )
+        ctx.routing, ctx.gated, ctx.act_fn = routing, gated, act_fn
+        ctx.kind, ctx.relu = _activation_kind(act_fn), _stores_hidden(act_fn, gated)
         ctx.weights_dtype = top_k_weights.dtype
         ctx.save_for_backward(hidden_states, weights_rows, up_weight, down_weight, stored)
         return output

@@ -317,8 +317,8 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 for model in models:
                     model.zero_grad(set_to_none=True)
 
-            train = {n: train_step(*v) for n, v in variants.items()}
-            train = _median_times(train, args.repeats, device, reset=drop_grads)
+            steps = {n: train_step(*v) for n, v in variants.items()}
+            train = _median_times(steps, args.repeats, device, reset=drop_grads)
             drop_grads()
             gen = _median_times({n: generate(*v) for n, v in variants.items()}, args.repeats, device)
             reference = "OlmoeForCausalLM (grouped_mm)"
@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_layer_benchmark(layer_args, device, dtype)
         text = (
             f"MoE layer forward+backward, {machine}, {args.dtype}, hidden {args.hidden}, expert hidden "
-            f"{args.expert_hidden}, {layer_args.activation} experts, median of {args.repeats} repeats (variants interleaved, shuffled).\n\n"
+            f"{args.expert_hidden}, {layer_args.activation} experts, median of {args.repeats} repeats "
+            "(variants interleaved, shuffled).\n\n"
             f"{_layer_table(rows, layer_args)}\n"
         )
         _atomic_write(args.output_dir / "benchmark_layer.md", lambda p: Path(p).write_text(text))
