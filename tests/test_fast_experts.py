@@ -1,6 +1,7 @@
 """The fused experts path (modeling_moe/fast_experts.py) against the eager reference, its selection by name, the
 activation-recomputation option (SPEC §6) and a smoke run of the benchmark script."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
+from modeling_moe.cli.benchmark import _cpu_allocator
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
 
@@ -292,6 +294,34 @@ def test_benchmark_quick_run_writes_its_tables(tmp_path):
     assert "OlmoeForCausalLM" in model and "MoEForCausalLM" in model
     assert (tmp_path / "benchmark_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert f"torch {torch.__version__}, {_cpu_allocator()}" in layer.splitlines()[0]  # same environment as here
+
+
+def test_benchmark_gemm_mode_times_every_variant(tmp_path):
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--mode", "gemm"]
+    result = subprocess.run([*command, "--output-dir", tmp_path], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = (tmp_path / "benchmark_gemm.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| experts"))
+    assert "mm per expert GFLOP/s" in header and "bmm GFLOP/s" in header
+    table = [line.strip("|").split("|") for line in lines if line.startswith("| 4 ") or line.startswith("| 16 ")]
+    # --quick: 64 tokens x k=2 over 4 and 16 experts -> 32 and 8 rows per expert
+    assert [(int(row[0]), int(row[3])) for row in table] == [(4, 32), (16, 8)]
+    for row in table:
+        rates = [float(cell) for cell in row[4:7]]  # one mm, mm per expert, bmm: always measured
+        assert all(rate > 0 for rate in rates)
+
+
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+@pytest.mark.skipif(not JEMALLOC.exists(), reason="needs Debian's libjemalloc2")
+def test_benchmark_names_a_preloaded_allocator():
+    code = "from modeling_moe.cli.benchmark import _cpu_allocator; print(_cpu_allocator())"
+    env = {**os.environ, "LD_PRELOAD": str(JEMALLOC)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "jemalloc"
 
 
 def test_benchmark_rejects_bad_arguments(tmp_path):

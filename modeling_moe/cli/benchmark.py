@@ -12,9 +12,13 @@ transformers' `grouped_mm`) against transformers' `OlmoeForCausalLM` (with `grou
 isolates what the rest of each model costs) at matching sizes (SwiGLU experts, like OLMoE's, unless
 `--activation relu`).
 
+Gemm mode: the shrinking batch alone (SPEC §6): the experts' up-projection matmuls with `tokens * k / experts` rows
+each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, in GFLOP/s against one `mm` of all rows by one weight.
+
     moe-bench --quick                       # tiny sizes, a few seconds
     moe-bench --experts 8 64 256 1024 --top-k 4 --tokens 4096 --device cpu
     moe-bench --mode model --device cuda --dtype bfloat16
+    moe-bench --mode gemm --experts 64 256 1024 --top-k 4 --tokens 4096
 """
 
 from __future__ import annotations
@@ -243,6 +247,78 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
     return "\n".join(lines)
 
 
+def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """SPEC §6's shrinking batch in isolation: the expert up-projections of `tokens * k` rows spread evenly over the
+    experts, as one `mm` per expert, one `bmm`, one `grouped_mm`, and, for the dense rate, one `mm` of all rows by a
+    single weight. Every variant does the same FLOPs."""
+    rows = []
+    for num_experts in args.experts:
+        for top_k in args.top_k:
+            for num_tokens in args.tokens:
+                per_expert = num_tokens * top_k // num_experts
+                if per_expert < 1:
+                    continue
+                total = per_expert * num_experts
+                torch.manual_seed(0)
+                x = torch.randn(total, args.hidden, device=device, dtype=dtype)  # (experts * rows, hidden)
+                # (experts, hidden, expert hidden): nn.Linear's (out, in) storage seen transposed, as the experts use it
+                weight_t = torch.randn(num_experts, args.expert_hidden, args.hidden, device=device, dtype=dtype).mT
+                out = torch.empty(total, args.expert_hidden, device=device, dtype=dtype)
+                offsets = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * per_expert
+
+                def per_expert_mm(x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+                    for e in range(weight_t.shape[0]):
+                        torch.mm(x[e * n : (e + 1) * n], weight_t[e], out=out[e * n : (e + 1) * n])
+
+                variants = {
+                    "one mm": lambda x=x, w=weight_t[0], out=out: torch.mm(x, w, out=out),
+                    "mm per expert": per_expert_mm,
+                    "bmm": lambda x=x, w=weight_t, out=out: torch.bmm(
+                        x.view(w.shape[0], -1, x.shape[1]), w, out=out.view(w.shape[0], -1, w.shape[2])
+                    ),
+                }
+                if hasattr(nn.functional, "grouped_mm"):
+                    variants["grouped_mm"] = lambda x=x, w=weight_t, offs=offsets: nn.functional.grouped_mm(
+                        x, w, offs=offs
+                    )
+                times = _median_times(variants, args.repeats, device)
+                flops = 2 * total * args.hidden * args.expert_hidden
+                row = {
+                    "experts": num_experts,
+                    "k": top_k,
+                    "tokens": num_tokens,
+                    "rows_per_expert": per_expert,
+                    "gflops": {name: flops / t / 1e9 for name, t in times.items()},
+                }
+                rows.append(row)
+                print(_gemm_table([row], header=len(rows) == 1), flush=True)
+                del x, weight_t, out, variants
+                gc.collect()
+    return rows
+
+
+def _gemm_table(rows: list[dict], header: bool = True) -> str:
+    names = ["one mm", "mm per expert", "bmm", "grouped_mm"]
+    lines = []
+    if header:
+        lines.append(
+            "| experts | k | tokens | rows per expert | "
+            + " | ".join(f"{name} GFLOP/s" for name in names)
+            + " | mm per expert / one mm (time) |"
+        )
+        lines.append("|" + "---:|" * (5 + len(names)))
+    for row in rows:
+        rates = row["gflops"]
+        cells = [_fmt(rates.get(name), ".1f") for name in names]
+        slowdown = rates["one mm"] / rates["mm per expert"]
+        lines.append(
+            f"| {row['experts']} | {row['k']} | {row['tokens']} | {row['rows_per_expert']} | "
+            + " | ".join(cells)
+            + f" | {slowdown:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int):
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
@@ -399,15 +475,30 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def _cpu_allocator() -> str:
+    """The malloc this process runs with: a preloaded tcmalloc or jemalloc reuses freed memory instead of faulting in
+    fresh pages, which changes CPU timings (README, "Performance")."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return "system malloc"
+    preloaded = next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), None)
+    if preloaded is not None:
+        return preloaded
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"glibc malloc (GLIBC_TUNABLES={tunables})" if tunables else "glibc malloc"
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {_cpu_allocator()}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moe-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("layer", "model", "both"), default="layer")
+    parser.add_argument("--mode", choices=("layer", "model", "both", "gemm"), default="layer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
@@ -482,6 +573,14 @@ def main(argv: list[str] | None = None) -> None:
             f"prompts; median of {args.repeats} repeats (variants interleaved, shuffled).\n\n{_model_table(rows)}\n"
         )
         _atomic_write(args.output_dir / "benchmark_model.md", lambda p: Path(p).write_text(text))
+    if args.mode == "gemm":
+        rows = run_gemm_benchmark(args, device, dtype)
+        text = (
+            f"Expert up-projection matmuls, {machine}, {args.dtype}: (rows, {args.hidden}) @ ({args.hidden}, "
+            f"{args.expert_hidden}) per expert, `tokens * k` rows spread evenly over the experts; median of "
+            f"{args.repeats} repeats (variants interleaved, shuffled).\n\n{_gemm_table(rows)}\n"
+        )
+        _atomic_write(args.output_dir / "benchmark_gemm.md", lambda p: Path(p).write_text(text))
     print(f"wrote {args.output_dir}", flush=True)
 
 
