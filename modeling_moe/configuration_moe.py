@@ -62,7 +62,8 @@ class MoEConfig(PreTrainedConfig):
     model_type = "sparsely_gated_moe"
     # Trainer's prediction step gathers every other output as predictions: keep them to the logits.
     keys_to_ignore_at_inference = [
-        "past_key_values",
+        "cache",  # the KV cache's output field from transformers 5.24 on
+        "past_key_values",  # its name before
         "lm_loss",
         "aux_loss",
         "importance_loss",

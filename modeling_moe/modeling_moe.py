@@ -35,6 +35,18 @@ from .expert_statistics import ExpertStatistics
 from .fast_experts import FAST_EXPERTS_IMPLEMENTATION
 from .gating import RouterOutput, TopKRouter, limit_expert_capacity, router_from_config
 
+# transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache`. The model runs
+# on either: it accepts both argument names, hands the cache to its decoder layers under the installed library's name
+# (which gradient checkpointing looks for, to drop it) and returns it under that output field.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed as `cache` (transformers >= 5.24) or `past_key_values` (earlier 5.x), never both."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both.")
+    return cache if cache is not None else past_key_values
+
 
 class MoERMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -151,7 +163,7 @@ class MoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -161,8 +173,8 @@ class MoEAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -318,10 +330,11 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, RouterOutput | None]:
         residual = hidden_states
@@ -330,7 +343,7 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache(cache, past_key_values),
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -383,7 +396,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -505,30 +518,27 @@ class MoEModel(MoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoEModelOutputWithPast:
         _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = _resolve_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         sequence_length = inputs_embeds.shape[1]
 
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(sequence_length, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # The cache goes by position: its keyword is `cache` from transformers 5.24 on, `past_key_values` before.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
         # SPEC §3: padding tokens are left out of Importance(X) and Load(X). A 2-D mask covers past and new tokens.
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -542,8 +552,8 @@ class MoEModel(MoEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_NAME: cache},
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
                 **kwargs,
@@ -555,7 +565,7 @@ class MoEModel(MoEPreTrainedModel):
         importance_loss, load_loss = _sum_router_outputs(router_outputs, hidden_states)
         return MoEModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             aux_loss=importance_loss + load_loss,
             importance_loss=importance_loss,
             load_loss=load_loss,
@@ -591,12 +601,13 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoECausalLMOutputWithPast:
         r"""
@@ -624,7 +635,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -647,7 +658,7 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             importance_loss=outputs.importance_loss,
             load_loss=outputs.load_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.cache_utils import Cache, DynamicCache
 
 from modeling_moe import MoEConfig, MoEForCausalLM
-from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, MoEMLP
+from modeling_moe.modeling_moe import CACHE_NAME, MoEExperts, MoEGatedExperts, MoEMLP
 
 from .conftest import run_remote_code_load, tiny_config
 
@@ -179,6 +180,57 @@ def test_greedy_generation_with_cache_equals_without_cache():
     without_cache = model.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False, min_new_tokens=20)
     assert with_cache.shape == (1, 25)
     assert torch.equal(with_cache, without_cache)
+
+
+def _olmoe_cache_field() -> str:
+    """The output field under which transformers' own MoE model returns its KV cache (the reference)."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = OlmoeConfig(
+        vocab_size=97,
+        hidden_size=16,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_experts=2,
+        num_experts_per_tok=1,
+    )
+    out = OlmoeForCausalLM(config).eval()(input_ids=_ids(batch=1, length=3), use_cache=True)
+    (field,) = [name for name, value in out.items() if isinstance(value, Cache)]
+    return field
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_decoding_step_by_step_with_an_explicit_cache_matches_the_full_forward(argument):
+    # transformers 5.24 renamed `past_key_values` to `cache`: both argument names are accepted, and the cache comes
+    # back under the same output field as the installed library's own models.
+    assert CACHE_NAME == _olmoe_cache_field()
+    model = _model()
+    ids = _ids(batch=2, length=9)
+    full_logits = model(input_ids=ids).logits
+    prefix = model(input_ids=ids[:, :6], use_cache=True)
+    cache = getattr(prefix, CACHE_NAME)
+    assert isinstance(cache, Cache) and cache.get_seq_length() == 6
+    logits = [prefix.logits]
+    for position in range(6, 9):
+        step = model(input_ids=ids[:, position : position + 1], use_cache=True, **{argument: cache})
+        assert getattr(step, CACHE_NAME) is cache
+        logits.append(step.logits)
+    assert cache.get_seq_length() == 9
+    assert torch.allclose(torch.cat(logits, dim=1), full_logits, atol=1e-5)
+    with pytest.raises(ValueError, match="`cache` or as `past_key_values`"):
+        model(input_ids=ids, cache=cache, past_key_values=DynamicCache(config=model.config))
+
+
+def test_gradient_checkpointing_leaves_an_explicit_cache_untouched():
+    # The checkpointed layer drops the cache (its backward replay would write it twice); it must find it by the name
+    # the installed transformers uses.
+    model = _model(num_hidden_layers=3, moe_layers="all").train()
+    model.activation_checkpointing_enable()
+    cache = DynamicCache(config=model.config)
+    ids = _ids()
+    model(input_ids=ids, labels=ids, use_cache=True, **{CACHE_NAME: cache}).loss.backward()
+    assert cache.get_seq_length() == 0
 
 
 def test_sdpa_and_eager_attention_agree():
