@@ -34,6 +34,24 @@ def tiny_config(**overrides) -> MoEConfig:
     return MoEConfig(**settings)
 
 
+def tiny_olmoe(seed: int = 0):
+    """transformers' own MoE model (`OlmoeForCausalLM`) at a tiny size, the reference for library behaviour."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    config = OlmoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return OlmoeForCausalLM(config)
+
+
 REMOTE_CODE_SCRIPT = textwrap.dedent(
     """
     import importlib.abc, sys

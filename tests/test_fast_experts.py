@@ -14,6 +14,8 @@ from modeling_moe.cli.benchmark import _cpu_allocator
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
 
+from .conftest import tiny_olmoe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -258,20 +260,7 @@ def test_model_recompute_matches_stored():
 
 
 def test_registered_for_other_models():
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    config = OlmoeConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        eos_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = OlmoeForCausalLM(config)
+    model = tiny_olmoe()
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
     model.set_experts_implementation("eager")
     reference = model(input_ids=ids).logits

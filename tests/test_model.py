@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.modeling_moe import CACHE_NAME, MoEExperts, MoEGatedExperts, MoEMLP
 
-from .conftest import run_remote_code_load, tiny_config
+from .conftest import run_remote_code_load, tiny_config, tiny_olmoe
 
 
 def _model(seed: int = 0, **overrides) -> MoEForCausalLM:
@@ -184,18 +184,7 @@ def test_greedy_generation_with_cache_equals_without_cache():
 
 def _olmoe_cache_field() -> str:
     """The output field under which transformers' own MoE model returns its KV cache (the reference)."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-
-    config = OlmoeConfig(
-        vocab_size=97,
-        hidden_size=16,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_experts=2,
-        num_experts_per_tok=1,
-    )
-    out = OlmoeForCausalLM(config).eval()(input_ids=_ids(batch=1, length=3), use_cache=True)
+    out = tiny_olmoe().eval()(input_ids=_ids(batch=1, length=3, vocab=64), use_cache=True)
     (field,) = [name for name, value in out.items() if isinstance(value, Cache)]
     return field
 

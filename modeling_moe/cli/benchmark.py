@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import platform
 import random
@@ -252,48 +253,44 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
     experts, as one `mm` per expert, one `bmm`, one `grouped_mm`, and, for the dense rate, one `mm` of all rows by a
     single weight. Every variant does the same FLOPs."""
     rows = []
-    for num_experts in args.experts:
-        for top_k in args.top_k:
-            for num_tokens in args.tokens:
-                per_expert = num_tokens * top_k // num_experts
-                if per_expert < 1:
-                    continue
-                total = per_expert * num_experts
-                torch.manual_seed(0)
-                x = torch.randn(total, args.hidden, device=device, dtype=dtype)  # (experts * rows, hidden)
-                # (experts, hidden, expert hidden): nn.Linear's (out, in) storage seen transposed, as the experts use it
-                weight_t = torch.randn(num_experts, args.expert_hidden, args.hidden, device=device, dtype=dtype).mT
-                out = torch.empty(total, args.expert_hidden, device=device, dtype=dtype)
-                offsets = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * per_expert
+    for num_experts, top_k, num_tokens in itertools.product(args.experts, args.top_k, args.tokens):
+        per_expert = num_tokens * top_k // num_experts
+        if per_expert < 1:
+            continue
+        total = per_expert * num_experts
+        torch.manual_seed(0)
+        x = torch.randn(total, args.hidden, device=device, dtype=dtype)  # (experts * rows, hidden)
+        # (experts, hidden, expert hidden): nn.Linear's (out, in) storage seen transposed, as the experts use it
+        weight_t = torch.randn(num_experts, args.expert_hidden, args.hidden, device=device, dtype=dtype).mT
+        out = torch.empty(total, args.expert_hidden, device=device, dtype=dtype)
+        offsets = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * per_expert
 
-                def per_expert_mm(x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
-                    for e in range(weight_t.shape[0]):
-                        torch.mm(x[e * n : (e + 1) * n], weight_t[e], out=out[e * n : (e + 1) * n])
+        def per_expert_mm(x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+            for e in range(weight_t.shape[0]):
+                torch.mm(x[e * n : (e + 1) * n], weight_t[e], out=out[e * n : (e + 1) * n])
 
-                variants = {
-                    "one mm": lambda x=x, w=weight_t[0], out=out: torch.mm(x, w, out=out),
-                    "mm per expert": per_expert_mm,
-                    "bmm": lambda x=x, w=weight_t, out=out: torch.bmm(
-                        x.view(w.shape[0], -1, x.shape[1]), w, out=out.view(w.shape[0], -1, w.shape[2])
-                    ),
-                }
-                if hasattr(nn.functional, "grouped_mm"):
-                    variants["grouped_mm"] = lambda x=x, w=weight_t, offs=offsets: nn.functional.grouped_mm(
-                        x, w, offs=offs
-                    )
-                times = _median_times(variants, args.repeats, device)
-                flops = 2 * total * args.hidden * args.expert_hidden
-                row = {
-                    "experts": num_experts,
-                    "k": top_k,
-                    "tokens": num_tokens,
-                    "rows_per_expert": per_expert,
-                    "gflops": {name: flops / t / 1e9 for name, t in times.items()},
-                }
-                rows.append(row)
-                print(_gemm_table([row], header=len(rows) == 1), flush=True)
-                del x, weight_t, out, variants
-                gc.collect()
+        variants = {
+            "one mm": lambda x=x, w=weight_t[0], out=out: torch.mm(x, w, out=out),
+            "mm per expert": per_expert_mm,
+            "bmm": lambda x=x, w=weight_t, out=out: torch.bmm(
+                x.view(w.shape[0], -1, x.shape[1]), w, out=out.view(w.shape[0], -1, w.shape[2])
+            ),
+        }
+        if hasattr(nn.functional, "grouped_mm"):
+            variants["grouped_mm"] = lambda x=x, w=weight_t, offs=offsets: nn.functional.grouped_mm(x, w, offs=offs)
+        times = _median_times(variants, args.repeats, device)
+        flops = 2 * total * args.hidden * args.expert_hidden
+        row = {
+            "experts": num_experts,
+            "k": top_k,
+            "tokens": num_tokens,
+            "rows_per_expert": per_expert,
+            "gflops": {name: flops / t / 1e9 for name, t in times.items()},
+        }
+        rows.append(row)
+        print(_gemm_table([row], header=len(rows) == 1), flush=True)
+        del x, weight_t, out, variants
+        gc.collect()
     return rows
 
 
