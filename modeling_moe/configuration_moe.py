@@ -246,6 +246,8 @@ class MoEConfig(PreTrainedConfig):
             if spec < 1:
                 raise ValueError(f"`moe_layers` as an int is the MoE period and must be >= 1, got {spec!r}.")
             return [i for i in range(num_layers) if i % spec == spec - 1]
+        if not isinstance(spec, (list, tuple)):
+            raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")
         indices = list(spec)
         for index in indices:
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_layers:

@@ -281,6 +281,12 @@ def test_benchmark_quick_run_writes_its_tables(tmp_path):
     assert "| experts | k | tokens |" in layer and "\n| 16 | 2 | 64 |" in layer
     model = (tmp_path / "benchmark_model.md").read_text()
     assert "OlmoeForCausalLM" in model and "MoEForCausalLM" in model
+    # Per model and experts count, every experts implementation does the same counted FLOPs per training step.
+    model_rows = [line.strip("|").split("|") for line in model.splitlines() if "ForCausalLM (" in line]
+    flops = {}
+    for row in model_rows:
+        flops.setdefault((row[0].split(" (")[0], row[1]), set()).add(float(row[5]))
+    assert len(flops) == 4 and all(len(values) == 1 and values.pop() > 0 for values in flops.values())
     assert (tmp_path / "benchmark_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     assert f"torch {torch.__version__}, {_cpu_allocator()}" in layer.splitlines()[0]  # same environment as here

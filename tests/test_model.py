@@ -75,6 +75,8 @@ def test_all_moe_layers_and_every_nth():
         (dict(moe_layers=[-1]), "`moe_layers` entry -1 is not a layer index"),
         (dict(moe_layers=0), "`moe_layers` as an int is the MoE period and must be >= 1, got 0"),
         (dict(moe_layers="some"), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 'some'"),
+        (dict(moe_layers=None), "`moe_layers` must be 'all', a positive int or a list of layer indices, got None"),
+        (dict(moe_layers=1.5), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 1.5"),
         (dict(num_experts=0), "`num_experts` must be a positive integer, got 0"),
         (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be >= 0, got -0.001"),
     ],

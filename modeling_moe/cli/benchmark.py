@@ -10,7 +10,9 @@ the speed-up of `moe_fused` over transformers' `eager` and `grouped_mm`, and mem
 Model mode: training (forward+backward) and greedy generation tokens/s of `MoEForCausalLM` (with `moe_fused` and with
 transformers' `grouped_mm`) against transformers' `OlmoeForCausalLM` (with `grouped_mm`, and with `moe_fused`, which
 isolates what the rest of each model costs) at matching sizes (SwiGLU experts, like OLMoE's, unless
-`--activation relu`).
+`--activation relu`). Each training step's matmul FLOPs are counted (`flop_count.py`) and set against the rate of one
+large matmul timed among the steps, `(batch * seq_len, hidden) @ (hidden, k * expert_hidden)`: a step can at best run
+at that rate, which bounds the tokens/s of any implementation of the same model on the machine.
 
 Gemm mode: the shrinking batch alone (SPEC §6): the experts' up-projection matmuls with `tokens * k / experts` rows
 each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, in GFLOP/s against one `mm` of all rows by one weight.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+import math
 import os
 import platform
 import random
@@ -41,10 +44,12 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
+from .flop_count import training_step_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYER_IMPLEMENTATIONS = (FAST_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
 RECOMPUTE = f"{FAST_EXPERTS_IMPLEMENTATION}+recompute"
+ONE_MM = "one mm"
 
 
 def _sync(device: torch.device) -> None:
@@ -390,8 +395,18 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 for model in models:
                     model.zero_grad(set_to_none=True)
 
+            # The rate of one large matmul, timed among the steps: the ceiling of a step's GFLOP/s on this machine.
+            mm_shape = (ids.numel(), args.hidden, top_k * args.expert_hidden)
+            mm_a = torch.randn(mm_shape[:2], device=device, dtype=dtype)
+            mm_b = torch.randn(mm_shape[1:], device=device, dtype=dtype)
             steps = {n: train_step(*v) for n, v in variants.items()}
+            steps[ONE_MM] = lambda a=mm_a, b=mm_b: torch.mm(a, b)
             train = _median_times(steps, args.repeats, device, reset=drop_grads)
+            mm_rate = 2 * math.prod(mm_shape) / train[ONE_MM]
+            flops = {}  # counted on an untimed step of each variant
+            for name, (model, implementation) in variants.items():
+                model.set_experts_implementation(implementation)
+                flops[name] = training_step_flops(model.train(), ids)
             drop_grads()
             gen = _median_times({n: generate(*v) for n, v in variants.items()}, args.repeats, device)
             reference = "OlmoeForCausalLM (grouped_mm)"
@@ -402,6 +417,11 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                         "experts": num_experts,
                         "k": top_k,
                         "train_tokens_per_s": args.batch * args.seq_len / train[name],
+                        "train_gflop_per_step": flops[name] / 1e9,
+                        "train_gflops": flops[name] / train[name] / 1e9,
+                        "train_share_of_mm": flops[name] / train[name] / mm_rate,
+                        "one_mm_shape": mm_shape,
+                        "one_mm_gflops": mm_rate / 1e9,
                         "generate_tokens_per_s": args.batch * args.new_tokens / gen[name],
                         "train_vs_olmoe": train[reference] / train[name],
                         "generate_vs_olmoe": gen[reference] / gen[name],
@@ -418,13 +438,16 @@ def _model_table(rows: list[dict], header: bool = True) -> str:
     if header:
         lines += [
             "| model (experts implementation) | experts | k | training tok/s | vs OLMoE (grouped_mm) "
+            "| training GFLOP/step | training GFLOP/s | one mm GFLOP/s | training / one mm "
             "| greedy generation tok/s | vs OLMoE (grouped_mm) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['experts']} | {row['k']} | {row['train_tokens_per_s']:.0f} "
-            f"| {row['train_vs_olmoe']:.2f} | {row['generate_tokens_per_s']:.1f} | {row['generate_vs_olmoe']:.2f} |"
+            f"| {row['train_vs_olmoe']:.2f} | {row['train_gflop_per_step']:.4g} | {row['train_gflops']:.1f} "
+            f"| {row['one_mm_gflops']:.1f} | {row['train_share_of_mm']:.2f} "
+            f"| {row['generate_tokens_per_s']:.1f} | {row['generate_vs_olmoe']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -567,7 +590,9 @@ def main(argv: list[str] | None = None) -> None:
             f"Whole model, {machine}, {args.dtype}: {args.layers} layers, hidden {args.hidden}, expert hidden "
             f"{args.expert_hidden}, {model_args.activation} experts, vocab {args.vocab}; training on "
             f"{args.batch}x{args.seq_len} tokens, greedy generation of {args.new_tokens} tokens for {args.batch} "
-            f"prompts; median of {args.repeats} repeats (variants interleaved, shuffled).\n\n{_model_table(rows)}\n"
+            f"prompts; median of {args.repeats} repeats (variants interleaved, shuffled). Training GFLOP: matmul "
+            "FLOPs counted with torch's FlopCounterMode; one mm: (batch * seq_len, hidden) @ (hidden, k * expert "
+            f"hidden), timed among the steps.\n\n{_model_table(rows)}\n"
         )
         _atomic_write(args.output_dir / "benchmark_model.md", lambda p: Path(p).write_text(text))
     if args.mode == "gemm":
