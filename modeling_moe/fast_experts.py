@@ -7,7 +7,9 @@ what makes a MoE layer slow there is the element-wise work around the matmuls. A
 ~4.5 ms into reused memory, and a layer makes several such tensors (gathered inputs, pre-activations, expert outputs and
 their gradients). So here the token-expert pairs are sorted by expert and cut into blocks of whole experts of a few MiB;
 per block, the gather, one `mm` per expert on its exact rows (no padding), the activation, the routing weight and the
-scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator.
+scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator. The
+blocks are shared out, in runs of whole experts, to as many threads as `torch.get_num_threads()`, each with one
+intra-op thread: a matmul with a few hundred rows or less does not keep several cores busy on its own.
 
 Backward needs only the expert hidden activations, kept per block, or nothing with
 `MoEConfig(expert_recompute_activations=True)` (SPEC §6 "activation recomputation": recomputed per block). Each
@@ -26,7 +28,9 @@ Expert-parallel sentinels (expert ids `>= num_experts`: "expert on another rank"
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -128,6 +132,17 @@ class _SortedRouting:
         close()
         return blocks
 
+    def block_groups(self, parts: int) -> list[list[_Block]]:
+        """The blocks in at most `parts` runs of about equal rows, cut only where an expert starts (at the block of
+        those nearest to each `num_rows * j / parts`), so that each expert's weight gradient is written by one group."""
+        starts = [(block.start, i) for i, block in enumerate(self.blocks) if i > 0 and block.segments[0].first]
+        cuts = [0]
+        for j in range(1, parts):
+            nearest = min(starts, key=lambda start: abs(start[0] - self.num_rows * j / parts), default=None)
+            if nearest is not None and nearest[1] > cuts[-1]:
+                cuts.append(nearest[1])
+        return [self.blocks[a:b] for a, b in zip(cuts, [*cuts[1:], len(self.blocks)], strict=True)]
+
     def mm(self, rows: torch.Tensor, weight: torch.Tensor, block: _Block, out: torch.Tensor) -> torch.Tensor:
         """Each row `(K,)` of the block times its expert's `weight[e]` `(K, N)`, into `out` `(block rows, N)`."""
         if self.grouped:
@@ -155,7 +170,7 @@ class _SortedRouting:
         With few rows per expert the weight-gradient matmuls are bound by writing the gradient's fresh pages, whose
         faults cost far less in one parallel zero-fill up front (1024 experts at 16 rows each: ~3.7x instead of ~4.3x
         the dense layer's time); with more rows that fill is an extra pass (64 experts at 256 rows: ~1.3x instead of
-        ~1.16x), so the matmuls write uninitialised memory. README, "Performance".
+        ~1.16x; both measured single-threaded), so the matmuls write uninitialised memory. README, "Performance".
         """
         if self.num_rows < _ZERO_FILL_BELOW_ROWS_PER_EXPERT * self.num_experts:
             return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -188,12 +203,53 @@ class _TokenSum:
         else:
             self.total.index_add_(0, self.routing.token[block.start : block.end], values.to(self.acc_dtype))
 
+    @staticmethod
+    def merged(parts: list[_TokenSum]) -> torch.Tensor:
+        """The result of the sums of `parts` (one per group of blocks, in block order) added together."""
+        first = parts[0]
+        for part in parts[1:]:
+            first.total += part.total
+        return first.result()
+
     def result(self) -> torch.Tensor:
         if self.pairwise:
             routing = self.routing
             summed = self.total.view(routing.num_tokens, routing.top_k, -1).sum(dim=1, dtype=self.acc_dtype)
             return summed.to(self.dtype)
         return self.total.to(self.dtype)
+
+
+_GroupResult = TypeVar("_GroupResult")
+
+
+def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _GroupResult]) -> list[_GroupResult]:
+    """`work(blocks)` for each group of blocks, in order. Blocks are cut on the CPU only; with several, the groups
+    (as many as the caller's `torch.get_num_threads()`) run in threads of one intra-op thread each.
+
+    With fewer than a few hundred rows per expert a matmul does not keep two cores busy (1024 experts with 16 rows each:
+    ~40 GFLOP/s on one core, ~60 on two, ~70 with the experts shared out to two single-threaded workers), and the
+    element-wise work between the matmuls is serial per block anyway. The workers run without autograd, as the caller
+    does (an autograd function's forward and backward, or inference), in inference mode if the caller is. Each group
+    has its own outputs, summed in order afterwards, so the result depends on the number of groups only, not on the
+    threads' timing.
+    """
+    groups = routing.block_groups(torch.get_num_threads())
+    if len(groups) == 1:
+        return [work(groups[0])]
+    caller_threads = torch.get_num_threads()
+    inference = torch.is_inference_mode_enabled()
+
+    def task(group: list[_Block]) -> _GroupResult:
+        torch.set_num_threads(1)
+        with torch.inference_mode(inference), torch.no_grad():
+            return work(group)
+
+    try:
+        with ThreadPoolExecutor(len(groups), thread_name_prefix="moe_fused") as pool:
+            return list(pool.map(task, groups))
+    finally:
+        # `set_num_threads` also sets the count that threads started later begin with: give the caller's back.
+        torch.set_num_threads(caller_threads)
 
 
 def _activation_kind(act_fn: nn.Module) -> str:
@@ -284,17 +340,22 @@ def _experts_forward(
         block_rows = max(1, BLOCK_BYTES // (max(up_weight.shape[1:]) * hidden_states.element_size()))
     routing = _SortedRouting(top_k_index, up_weight.shape[0], block_rows, grouped)
     relu = _stores_hidden(act_fn, gated)
-    stored: list[torch.Tensor] | None = [] if store else None
     weights_rows = top_k_weights.reshape(-1)[routing.pair].to(hidden_states.dtype)
-    output = _TokenSum(routing, hidden_states)
-    for block in routing.blocks:
-        x_rows = hidden_states.index_select(0, routing.token[block.start : block.end])
-        pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, gated, act_fn, relu)
-        if stored is not None:
-            stored.append(pre)
-        out = routing.mm(hidden, down_t, block, x_rows.new_empty(x_rows.shape[0], down_t.shape[-1]))
-        output.add(block, out.mul_(weights_rows[block.start : block.end, None]))
-    return output.result(), routing, weights_rows, stored
+
+    def forward_blocks(blocks: list[_Block]) -> tuple[_TokenSum, list[torch.Tensor]]:
+        output, stored = _TokenSum(routing, hidden_states), []
+        for block in blocks:
+            x_rows = hidden_states.index_select(0, routing.token[block.start : block.end])
+            pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, gated, act_fn, relu)
+            if store:
+                stored.append(pre)
+            out = routing.mm(hidden, down_t, block, x_rows.new_empty(x_rows.shape[0], down_t.shape[-1]))
+            output.add(block, out.mul_(weights_rows[block.start : block.end, None]))
+        return output, stored
+
+    groups = _run_block_groups(routing, forward_blocks)
+    stored = [pre for _, group_stored in groups for pre in group_stored] if store else None
+    return _TokenSum.merged([output for output, _ in groups]), routing, weights_rows, stored
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -330,37 +391,44 @@ class _FusedExperts(torch.autograd.Function):
         grad_output = grad_output.to(hidden_states.dtype)
         grad_up = routing.new_grad(up_weight) if need_up else None
         grad_down = routing.new_grad(down_weight) if need_down else None
-        grad_x = _TokenSum(routing, hidden_states) if need_x else None
         grad_w_rows = torch.empty(routing.num_rows, device=weights_rows.device, dtype=torch.float32) if need_w else None
-        for block_index, block in enumerate(routing.blocks):
-            tokens = routing.token[block.start : block.end]
-            w = weights_rows[block.start : block.end, None]
-            x_rows = hidden_states.index_select(0, tokens)
-            if not stored:  # activation recomputation (SPEC §6)
-                pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, ctx.gated, ctx.act_fn, ctx.relu)
-            elif ctx.relu:
-                pre = hidden = stored[block_index]
-            else:
-                pre = stored[block_index]
-                hidden = _hidden(pre, ctx.gated, ctx.act_fn)
-            grad_rows = grad_output.index_select(0, tokens)  # dL/dy of each row's token
-            # d(down[e] h) / dh = down[e]^T g, before the routing weight: also gives dL/dw = <down[e]^T g, h>.
-            grad_hidden = routing.mm(grad_rows, down_weight, block, x_rows.new_empty(len(tokens), hidden.shape[-1]))
-            if need_w:
-                grad_w_rows[block.start : block.end] = torch.linalg.vecdot(grad_hidden.float(), hidden.float())
-            if need_down:
-                routing.weight_grad(grad_rows.mul_(w), hidden, block, grad_down)
-            grad_pre = _hidden_backward(pre, grad_hidden.mul_(w), ctx.gated, ctx.act_fn, ctx.kind)
-            if need_up:
-                routing.weight_grad(grad_pre, x_rows, block, grad_up)
-            if need_x:
-                grad_x.add(block, routing.mm(grad_pre, up_weight, block, x_rows))  # x_rows is free: reuse it
+        block_index = {block.start: index for index, block in enumerate(routing.blocks)}
+
+        def backward_blocks(blocks: list[_Block]) -> _TokenSum | None:
+            # Groups write disjoint rows of grad_w_rows and disjoint experts of grad_up / grad_down.
+            grad_x = _TokenSum(routing, hidden_states) if need_x else None
+            for block in blocks:
+                tokens = routing.token[block.start : block.end]
+                w = weights_rows[block.start : block.end, None]
+                x_rows = hidden_states.index_select(0, tokens)
+                if not stored:  # activation recomputation (SPEC §6)
+                    pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, ctx.gated, ctx.act_fn, ctx.relu)
+                elif ctx.relu:
+                    pre = hidden = stored[block_index[block.start]]
+                else:
+                    pre = stored[block_index[block.start]]
+                    hidden = _hidden(pre, ctx.gated, ctx.act_fn)
+                grad_rows = grad_output.index_select(0, tokens)  # dL/dy of each row's token
+                # d(down[e] h) / dh = down[e]^T g, before the routing weight: also gives dL/dw = <down[e]^T g, h>.
+                grad_hidden = routing.mm(grad_rows, down_weight, block, x_rows.new_empty(len(tokens), hidden.shape[-1]))
+                if need_w:
+                    grad_w_rows[block.start : block.end] = torch.linalg.vecdot(grad_hidden.float(), hidden.float())
+                if need_down:
+                    routing.weight_grad(grad_rows.mul_(w), hidden, block, grad_down)
+                grad_pre = _hidden_backward(pre, grad_hidden.mul_(w), ctx.gated, ctx.act_fn, ctx.kind)
+                if need_up:
+                    routing.weight_grad(grad_pre, x_rows, block, grad_up)
+                if need_x:
+                    grad_x.add(block, routing.mm(grad_pre, up_weight, block, x_rows))  # x_rows is free: reuse it
+            return grad_x
+
+        grad_x_parts = _run_block_groups(routing, backward_blocks)
         grad_weights = None
         if need_w:
             grad_weights = torch.zeros(routing.num_pairs, device=grad_w_rows.device, dtype=ctx.weights_dtype)
             grad_weights.index_copy_(0, routing.pair, grad_w_rows.to(ctx.weights_dtype))
             grad_weights = grad_weights.view(routing.num_tokens, routing.top_k)
-        grad_x = grad_x.result() if need_x else None
+        grad_x = _TokenSum.merged(grad_x_parts) if need_x else None
         return grad_x, None, grad_weights, grad_up, grad_down, None, None, None
 
 

@@ -4,6 +4,7 @@ activation-recomputation option (SPEC §6) and a smoke run of the benchmark scri
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,16 +103,22 @@ def test_fused_matches_eager_forward_and_backward(activation, case):
         assert (fused[0][5] == 0).all()
 
 
+def _busy_routing(num_tokens: int = 200):
+    """8 experts over 200 tokens, expert 5 taking far more rows than the others and expert 2 none."""
+    index, weights = _routing(num_tokens, 8, 2, seed=3)
+    index[:120, 0] = 5
+    index[:120, 1] = torch.where(index[:120, 1] == 5, 6, index[:120, 1])
+    index[index == 2] = 3
+    return index, weights
+
+
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_blocks_split_busy_experts_and_stay_exact(monkeypatch, activation):
     """Blocks of a few rows: several experts share a block, and an expert holding more rows than a block is cut
     over several blocks (its weight gradient accumulated across them); the result is still eager's."""
     experts = _experts(activation, num_experts=8, hidden=16, intermediate=8)
     num_tokens = 200
-    index, weights = _routing(num_tokens, 8, 2, seed=3)
-    index[:120, 0] = 5  # expert 5 takes far more rows than the others
-    index[:120, 1] = torch.where(index[:120, 1] == 5, 6, index[:120, 1])
-    index[index == 2] = 3  # expert 2 takes none
+    index, weights = _busy_routing(num_tokens)
     up_width = experts.gate_up_proj.shape[1] if activation == "swiglu" else 8
     rows_per_block = 40
     monkeypatch.setattr(fast_experts, "BLOCK_BYTES", rows_per_block * max(up_width, 16) * 4)
@@ -128,6 +135,69 @@ def test_blocks_split_busy_experts_and_stay_exact(monkeypatch, activation):
             assert len(segments) == 1  # a small expert is never cut
     assert sum(s.expert == 5 for b in routing.blocks for s in b.segments) >= 3
     _assert_matches_eager(experts, torch.randn(num_tokens, 16), index, weights)
+
+
+def test_block_groups_are_balanced_runs_cut_where_an_expert_starts():
+    index, _ = _busy_routing()
+    routing = fast_experts._SortedRouting(index, 8, 40, grouped=False)
+    for parts in (1, 2, 3, 64):
+        groups = routing.block_groups(parts)
+        assert [block for group in groups for block in group] == routing.blocks  # all blocks, in order
+        assert 1 <= len(groups) <= parts and all(groups)
+        assert all(group[0].segments[0].first for group in groups)  # no expert split over two groups
+    assert len(routing.block_groups(2)) == 2
+    rows = [sum(block.end - block.start for block in group) for group in routing.block_groups(2)]
+    assert max(rows) <= 0.75 * sum(rows)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_groups_in_threads_match_eager_and_restore_the_thread_count(monkeypatch, activation, recompute):
+    """With several blocks and two intra-op threads, forward and backward run as two groups of blocks in two worker
+    threads; the result is eager's, and the caller's thread count (also the one later threads start with) is kept."""
+    experts = _experts(activation, num_experts=8, hidden=16, intermediate=8, expert_recompute_activations=recompute)
+    index, weights = _busy_routing()
+    up_width = experts.gate_up_proj.shape[1] if activation == "swiglu" else 8
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 40 * max(up_width, 16) * 4)
+    workers: list[int] = []
+
+    class CountingPool(fast_experts.ThreadPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            workers.append(max_workers)
+            super().__init__(max_workers, **kwargs)
+
+    monkeypatch.setattr(fast_experts, "ThreadPoolExecutor", CountingPool)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _assert_matches_eager(experts, torch.randn(200, 16), index, weights)
+        assert workers == [2, 2]  # forward and backward, each in two groups
+        assert torch.get_num_threads() == 2
+        started_later = []
+        thread = threading.Thread(target=lambda: started_later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert started_later == [2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_groups_in_threads_under_inference_mode(monkeypatch):
+    experts = _experts("swiglu", num_experts=8, hidden=16, intermediate=8)
+    index, weights = _busy_routing()
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 40 * 16 * 4)
+    x = torch.randn(200, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # one group, no worker threads
+        with torch.no_grad():
+            reference = fused_experts_forward(experts, x, index, weights)
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            output = fused_experts_forward(experts, x, index, weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(output, reference, atol=1e-6)
 
 
 def test_generic_activation_falls_back_to_autograd():

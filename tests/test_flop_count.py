@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_moe import MoEForCausalLM
+from modeling_moe import MoEForCausalLM, fast_experts
 from modeling_moe.cli.flop_count import EXTRA_FLOP_FORMULAS, grouped_mm_flop, training_step_flops
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION
 
@@ -68,3 +68,23 @@ def test_cpu_sdpa_count_equals_eager_attention_count(num_key_value_heads):
     recompute = config.num_hidden_layers * 2 * batch * config.num_attention_heads * seq * seq * head_dim
     assert forward["sdpa"] == forward["eager"]
     assert training["sdpa"] == training["eager"] + recompute
+
+
+def test_count_includes_the_experts_work_done_in_worker_threads(monkeypatch):
+    """`moe_fused` runs its blocks in worker threads (several blocks, two intra-op threads), which a dispatch mode in
+    the calling thread does not see: the count is still the same as through `grouped_mm`."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config(moe_layers="all")).train()
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 4 * model.config.expert_intermediate_size * 4)  # 4-row blocks
+    ids = torch.randint(1, model.config.vocab_size, (4, 16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        counts = {}
+        for implementation in ("grouped_mm", FAST_EXPERTS_IMPLEMENTATION):
+            model.set_experts_implementation(implementation)
+            counts[implementation] = training_step_flops(model, ids)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert counts["grouped_mm"] == counts[FAST_EXPERTS_IMPLEMENTATION]

@@ -3,9 +3,9 @@
 A count of what actually ran (every expert's rows, attention, the LM head) turns tokens/s into a utilisation: the
 share of one large matmul's rate that a whole training step reaches, which bounds how much faster any implementation
 of the same model could train on that machine. torch's counter knows `mm`, `bmm` and the CUDA attention kernels; the
-formulas below add `_grouped_mm` (transformers' and our CUDA experts path) and the CPU flash-attention kernels
-(PyTorch's SDPA on CPU), with torch's own conventions: 2 FLOPs per multiply-add, attention counted without the causal
-saving, and its backward with the recomputed scores.
+formulas below add `_grouped_mm` (transformers' and our CUDA experts path), the CPU flash-attention kernels (PyTorch's
+SDPA on CPU) and the in-place `addmm_`, with torch's own conventions: 2 FLOPs per multiply-add, attention counted
+without the causal saving, and its backward with the recomputed scores.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ def grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * a_shape[-1]
 
 
+def inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """`self.addmm_(a, b)`: the product's FLOPs, as torch counts `addmm`."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -37,6 +42,7 @@ def cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, 
 
 
 EXTRA_FLOP_FORMULAS = {
+    aten.addmm_: inplace_addmm_flop,
     aten._grouped_mm: grouped_mm_flop,
     aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_sdpa_backward_flop,
@@ -45,9 +51,18 @@ EXTRA_FLOP_FORMULAS = {
 
 def training_step_flops(model: nn.Module, input_ids: torch.Tensor) -> int:
     """Matmul FLOPs of one forward + backward of `model(input_ids=input_ids, labels=input_ids).loss`; the gradients it
-    leaves are dropped."""
+    leaves are dropped.
+
+    The counter sees the ops of the thread it runs in only, and `moe_fused` shares its blocks out to worker threads
+    when it has more than one intra-op thread: the step is counted with one, so that everything runs here.
+    """
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
-    with counter:
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with counter:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+    finally:
+        torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
