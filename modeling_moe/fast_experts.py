@@ -8,8 +8,8 @@ what makes a MoE layer slow there is the element-wise work around the matmuls. A
 their gradients). So here the token-expert pairs are sorted by expert and cut into blocks of whole experts of a few MiB;
 per block, the gather, one `mm` per expert on its exact rows (no padding), the activation, the routing weight and the
 scatter-add onto the tokens all work on small temporaries that stay in cache and are reused by the allocator. The
-blocks are shared out, in runs of whole experts, to as many threads as `torch.get_num_threads()`, each with one
-intra-op thread: a matmul with a few hundred rows or less does not keep several cores busy on its own.
+blocks are shared out, in runs of whole experts, to worker threads (up to `max(k, 2)`) that split the intra-op
+threads between them: a matmul with a few hundred rows or fewer does not keep several cores busy on its own.
 
 Backward needs only the expert hidden activations, kept per block, or nothing with
 `MoEConfig(expert_recompute_activations=True)` (SPEC §6 "activation recomputation": recomputed per block). Each
@@ -223,24 +223,25 @@ _GroupResult = TypeVar("_GroupResult")
 
 
 def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _GroupResult]) -> list[_GroupResult]:
-    """`work(blocks)` for each group of blocks, in order. Blocks are cut on the CPU only; with several, the groups
-    (as many as the caller's `torch.get_num_threads()`) run in threads of one intra-op thread each.
+    """`work(blocks)` for each group of blocks, in order. Blocks are cut on the CPU only; with several, the groups run
+    in worker threads that share the caller's `torch.get_num_threads()` intra-op threads out evenly.
 
     With fewer than a few hundred rows per expert a matmul does not keep two cores busy (1024 experts with 16 rows each:
     ~40 GFLOP/s on one core, ~60 on two, ~70 with the experts shared out to two single-threaded workers), and the
-    element-wise work between the matmuls is serial per block anyway. The workers run without autograd, as the caller
-    does (an autograd function's forward and backward, or inference), in inference mode if the caller is. Each group
-    has its own outputs, summed in order afterwards, so the result depends on the number of groups only, not on the
-    threads' timing.
+    element-wise work between the matmuls is serial per block anyway. Each group has its own `(num_tokens, hidden)`
+    sums, added in order afterwards, so the result depends on the number of groups only, not on the threads' timing;
+    there are at most `max(k, 2)` groups, so those sums never take more memory than the `(num_tokens * k, hidden)`
+    expert outputs transformers' own experts paths hold. The workers run without autograd, as the caller does (an
+    autograd function's forward and backward, or inference), in inference mode if the caller is.
     """
-    groups = routing.block_groups(torch.get_num_threads())
+    caller_threads = torch.get_num_threads()
+    groups = routing.block_groups(min(caller_threads, max(routing.top_k, 2)))
     if len(groups) == 1:
         return [work(groups[0])]
-    caller_threads = torch.get_num_threads()
     inference = torch.is_inference_mode_enabled()
 
     def task(group: list[_Block]) -> _GroupResult:
-        torch.set_num_threads(1)
+        torch.set_num_threads(caller_threads // len(groups))
         with torch.inference_mode(inference), torch.no_grad():
             return work(group)
 

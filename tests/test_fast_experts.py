@@ -1,6 +1,7 @@
 """The fused experts path (modeling_moe/fast_experts.py) against the eager reference, its selection by name, the
 activation-recomputation option (SPEC §6) and a smoke run of the benchmark script."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -180,6 +181,31 @@ def test_groups_in_threads_match_eager_and_restore_the_thread_count(monkeypatch,
         assert started_later == [2]
     finally:
         torch.set_num_threads(threads)
+
+
+def test_workers_are_at_most_max_k_2_and_share_the_intra_op_threads(monkeypatch):
+    """8 intra-op threads and k=2: two workers of 4 threads each (two per-token sums at most, not eight)."""
+    experts = _experts("relu", num_experts=8, hidden=16, intermediate=8)
+    index, weights = _busy_routing()
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 10 * 16 * 4)  # 10-row blocks: 40 of them
+    worker_threads: dict[str, int] = {}
+    up_and_hidden = fast_experts._up_and_hidden
+
+    def recording(*args, **kwargs):
+        worker_threads[threading.current_thread().name] = torch.get_num_threads()
+        return up_and_hidden(*args, **kwargs)
+
+    monkeypatch.setattr(fast_experts, "_up_and_hidden", recording)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        with torch.no_grad():
+            fused_experts_forward(experts, torch.randn(200, 16), index, weights)
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(threads)
+    assert len(worker_threads) == 2 and set(worker_threads.values()) == {4}
+    assert all(name.startswith("moe_fused") for name in worker_threads)
 
 
 def test_groups_in_threads_under_inference_mode(monkeypatch):
@@ -397,3 +423,25 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr
+
+
+def test_worker_threads_benchmark_compares_with_one_group(monkeypatch, tmp_path):
+    """scripts/benchmark_worker_threads.py: its "one group" variant really runs without worker threads, and a tiny run
+    writes its table."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_worker_threads", ROOT / "scripts" / "benchmark_worker_threads.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    index, _ = _busy_routing()
+    routing = fast_experts._SortedRouting(index, 8, 40, grouped=False)
+    with script.one_group():
+        assert routing.block_groups(2) == [routing.blocks]
+    assert len(routing.block_groups(2)) == 2
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 64 * 64 * 4)  # several blocks at these sizes
+    output = tmp_path / "worker_threads.md"
+    arguments = ["--experts", "4", "--tokens", "128", "--hidden", "32", "--expert-hidden", "64", "--repeats", "1"]
+    text = script.main([*arguments, "--output", str(output)])
+    assert output.read_text() == text
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |")).strip("|").split("|")
+    assert int(row[1]) == 128 * 4 // 4 and all(float(cell) > 0 for cell in row[2:])

@@ -1,0 +1,109 @@
+"""What `moe_fused`'s worker threads buy on a CPU: the MoE layer of `moe-bench` (softmax top-k gate + ReLU experts,
+forward + backward) with its blocks shared out to worker threads (the default) and as one group on all intra-op
+threads (as before the workers), against the dense FFN with the same active parameters, interleaved and shuffled in one
+process. Prints a Markdown table and writes it to `--output`.
+
+    python scripts/benchmark_worker_threads.py --experts 64 256 1024 --tokens 4096 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from modeling_moe import MoEConfig, fast_experts
+from modeling_moe.cli.benchmark import _atomic_write, _DenseFFN, _machine, _median_times, _MoELayer
+
+ONE_GROUP, WORKERS = "one group", "worker threads"
+
+
+@contextlib.contextmanager
+def one_group() -> Iterator[None]:
+    """`moe_fused` without its worker threads: every block in one group, run on the caller's intra-op threads."""
+    block_groups = fast_experts._SortedRouting.block_groups
+    fast_experts._SortedRouting.block_groups = lambda self, parts: [self.blocks]
+    try:
+        yield
+    finally:
+        fast_experts._SortedRouting.block_groups = block_groups
+
+
+def time_layer(num_experts: int, args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    config = MoEConfig(
+        hidden_size=args.hidden,
+        num_attention_heads=1,
+        num_experts=num_experts,
+        num_experts_per_tok=args.top_k,
+        expert_intermediate_size=args.expert_hidden,
+        expert_activation="relu",
+    )
+    config._experts_implementation_internal = fast_experts.FAST_EXPERTS_IMPLEMENTATION
+    layer, dense = _MoELayer(config), _DenseFFN(args.hidden, args.top_k * args.expert_hidden, gated=False)
+    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
+    params = [x, *layer.parameters(), *dense.parameters()]
+
+    def drop_grads() -> None:
+        for p in params:
+            p.grad = None
+
+    def step(module: torch.nn.Module, context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
+        def run() -> None:
+            with context():
+                module(x).sum().backward()
+
+        return run
+
+    variants = {
+        "dense": step(dense, contextlib.nullcontext),
+        ONE_GROUP: step(layer, one_group),
+        WORKERS: step(layer, contextlib.nullcontext),
+    }
+    times = _median_times(variants, args.repeats, torch.device("cpu"), reset=drop_grads)
+    drop_grads()
+    return times
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experts", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--expert-hidden", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--output", type=Path, default=Path("benchmark_results/worker_threads.md"))
+    args = parser.parse_args(argv)
+    for name in ("top_k", "tokens", "hidden", "expert_hidden", "repeats", "experts"):
+        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
+        if any(v < 1 for v in values):
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    lines = [
+        f"MoE layer forward+backward, {_machine(torch.device('cpu'))}, {torch.get_num_threads()} intra-op threads, "
+        f"float32, {args.tokens} tokens, k={args.top_k}, hidden {args.hidden}, expert hidden {args.expert_hidden}; "
+        f"median of {args.repeats} repeats (variants interleaved, shuffled).",
+        "",
+        f"| experts | rows per expert | {ONE_GROUP} / dense | {WORKERS} / dense | speed-up of the {WORKERS} |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    for num_experts in args.experts:
+        times = time_layer(num_experts, args)
+        row = (
+            f"| {num_experts} | {args.tokens * args.top_k // num_experts} | {times[ONE_GROUP] / times['dense']:.2f} "
+            f"| {times[WORKERS] / times['dense']:.2f} | {times[ONE_GROUP] / times[WORKERS]:.2f} |"
+        )
+        lines.append(row)
+        print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(args.output, lambda p: Path(p).write_text(text))
+    return text
+
+
+if __name__ == "__main__":
+    main()
