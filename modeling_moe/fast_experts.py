@@ -229,10 +229,11 @@ def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _G
     With fewer than a few hundred rows per expert a matmul does not keep two cores busy (1024 experts with 16 rows each:
     ~40 GFLOP/s on one core, ~60 on two, ~70 with the experts shared out to two single-threaded workers), and the
     element-wise work between the matmuls is serial per block anyway. Each group has its own `(num_tokens, hidden)`
-    sums, added in order afterwards, so the result depends on the number of groups only, not on the threads' timing;
-    there are at most `max(k, 2)` groups, so those sums never take more memory than the `(num_tokens * k, hidden)`
-    expert outputs transformers' own experts paths hold. The workers run without autograd, as the caller does (an
-    autograd function's forward and backward, or inference), in inference mode if the caller is.
+    sums (fp32 for half-precision inputs), added in order afterwards, so the result depends on the number of groups
+    only, not on the threads' timing; there are at most `max(k, 2)` groups, which bounds the memory of those sums by
+    about that of the `(num_tokens * k, hidden)` expert outputs transformers' own experts paths hold, whatever the
+    number of cores. The workers run without autograd, as the caller does (an autograd function's forward and
+    backward, or inference), in inference mode if the caller is.
     """
     caller_threads = torch.get_num_threads()
     groups = routing.block_groups(min(caller_threads, max(routing.top_k, 2)))
