@@ -34,6 +34,7 @@ from typing import NamedTuple, TypeVar
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -233,12 +234,13 @@ def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _G
     only, not on the threads' timing; there are at most `max(k, 2)` groups, which bounds the memory of those sums by
     about that of the `(num_tokens * k, hidden)` expert outputs transformers' own experts paths hold, whatever the
     number of cores. The workers run without autograd, as the caller does (an autograd function's forward and
-    backward, or inference), in inference mode if the caller is.
+    backward, or inference), in inference mode if the caller is. Under a dispatch mode (e.g. torch's
+    `FlopCounterMode`), which sees only the thread it was entered in, the same groups run here in turn.
     """
     caller_threads = torch.get_num_threads()
     groups = routing.block_groups(min(caller_threads, max(routing.top_k, 2)))
-    if len(groups) == 1:
-        return [work(groups[0])]
+    if len(groups) == 1 or _get_current_dispatch_mode() is not None:
+        return [work(group) for group in groups]
     inference = torch.is_inference_mode_enabled()
 
     def task(group: list[_Block]) -> _GroupResult:

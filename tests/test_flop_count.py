@@ -72,7 +72,8 @@ def test_cpu_sdpa_count_equals_eager_attention_count(num_key_value_heads):
 
 def test_count_includes_the_experts_work_done_in_worker_threads(monkeypatch):
     """`moe_fused` runs its blocks in worker threads (several blocks, two intra-op threads), which a dispatch mode in
-    the calling thread does not see: the count is still the same as through `grouped_mm`."""
+    the calling thread would not see: under one it runs them in that thread, and the count is the same as through
+    `grouped_mm`."""
     torch.manual_seed(0)
     model = MoEForCausalLM(tiny_config(moe_layers="all")).train()
     monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 4 * model.config.expert_intermediate_size * 4)  # 4-row blocks

@@ -51,18 +51,9 @@ EXTRA_FLOP_FORMULAS = {
 
 def training_step_flops(model: nn.Module, input_ids: torch.Tensor) -> int:
     """Matmul FLOPs of one forward + backward of `model(input_ids=input_ids, labels=input_ids).loss`; the gradients it
-    leaves are dropped.
-
-    The counter sees the ops of the thread it runs in only, and `moe_fused` shares its blocks out to worker threads
-    when it has more than one intra-op thread: the step is counted with one, so that everything runs here.
-    """
+    leaves are dropped."""
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with counter:
-            model(input_ids=input_ids, labels=input_ids).loss.backward()
-    finally:
-        torch.set_num_threads(threads)
+    with counter:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
