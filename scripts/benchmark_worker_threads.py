@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_moe import MoEConfig, fast_experts
-from modeling_moe.cli.benchmark import _atomic_write, _DenseFFN, _machine, _median_times, _MoELayer
+from modeling_moe import fast_experts
+from modeling_moe.cli.benchmark import _atomic_write, _machine, _median_times, layer_and_dense
 
 ONE_GROUP, WORKERS = "one group", "worker threads"
 
@@ -33,23 +33,11 @@ def one_group() -> Iterator[None]:
 
 
 def time_layer(num_experts: int, args: argparse.Namespace) -> dict[str, float]:
-    torch.manual_seed(0)
-    config = MoEConfig(
-        hidden_size=args.hidden,
-        num_attention_heads=1,
-        num_experts=num_experts,
-        num_experts_per_tok=args.top_k,
-        expert_intermediate_size=args.expert_hidden,
-        expert_activation="relu",
+    cpu = torch.device("cpu")
+    config, layer, dense, x, drop_grads = layer_and_dense(
+        args, num_experts, args.top_k, args.tokens, cpu, torch.float32
     )
     config._experts_implementation_internal = fast_experts.FAST_EXPERTS_IMPLEMENTATION
-    layer, dense = _MoELayer(config), _DenseFFN(args.hidden, args.top_k * args.expert_hidden, gated=False)
-    x = torch.randn(args.tokens, args.hidden, requires_grad=True)
-    params = [x, *layer.parameters(), *dense.parameters()]
-
-    def drop_grads() -> None:
-        for p in params:
-            p.grad = None
 
     def step(module: torch.nn.Module, context: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
         def run() -> None:
@@ -63,7 +51,7 @@ def time_layer(num_experts: int, args: argparse.Namespace) -> dict[str, float]:
         ONE_GROUP: step(layer, one_group),
         WORKERS: step(layer, contextlib.nullcontext),
     }
-    times = _median_times(variants, args.repeats, torch.device("cpu"), reset=drop_grads)
+    times = _median_times(variants, args.repeats, cpu, reset=drop_grads)
     drop_grads()
     return times
 
@@ -78,6 +66,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--output", type=Path, default=Path("benchmark_results/worker_threads.md"))
     args = parser.parse_args(argv)
+    args.activation = "relu"
     for name in ("top_k", "tokens", "hidden", "expert_hidden", "repeats", "experts"):
         values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
         if any(v < 1 for v in values):

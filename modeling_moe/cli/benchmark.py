@@ -152,31 +152,43 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def layer_and_dense(
+    args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, device: torch.device, dtype: torch.dtype
+) -> tuple[MoEConfig, _MoELayer, _DenseFFN, torch.Tensor, Callable[[], None]]:
+    """(config, MoE layer, dense FFN with its active parameters, input `(num_tokens, hidden)`, drop their gradients)
+    for `args.hidden`, `args.expert_hidden` and `args.activation`, seeded."""
+    torch.manual_seed(0)
+    config = MoEConfig(
+        hidden_size=args.hidden,
+        num_attention_heads=1,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        expert_intermediate_size=args.expert_hidden,
+        expert_activation=args.activation,
+    )
+    layer = _MoELayer(config).to(device=device, dtype=dtype)
+    gated = args.activation == "swiglu"
+    dense = _DenseFFN(args.hidden, top_k * args.expert_hidden, gated).to(device=device, dtype=dtype)
+    x = torch.randn(num_tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    params = [x, *layer.parameters(), *dense.parameters()]
+
+    def drop_grads() -> None:
+        for p in params:
+            p.grad = None
+
+    return config, layer, dense, x, drop_grads
+
+
 def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
-    gated = args.activation == "swiglu"
     for num_experts in args.experts:
         for top_k in args.top_k:
             if top_k > num_experts:
                 continue
             for num_tokens in args.tokens:
-                torch.manual_seed(0)
-                config = MoEConfig(
-                    hidden_size=args.hidden,
-                    num_attention_heads=1,
-                    num_experts=num_experts,
-                    num_experts_per_tok=top_k,
-                    expert_intermediate_size=args.expert_hidden,
-                    expert_activation=args.activation,
+                config, layer, dense, x, drop_grads = layer_and_dense(
+                    args, num_experts, top_k, num_tokens, device, dtype
                 )
-                layer = _MoELayer(config).to(device=device, dtype=dtype)
-                dense = _DenseFFN(args.hidden, top_k * args.expert_hidden, gated).to(device=device, dtype=dtype)
-                x = torch.randn(num_tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
-                params = [x, *layer.parameters(), *dense.parameters()]
-
-                def drop_grads(params=params) -> None:
-                    for p in params:
-                        p.grad = None
 
                 def select(implementation: str | None, recompute: bool, config=config) -> None:
                     if implementation is not None:
@@ -220,7 +232,7 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 }
                 rows.append(row)
                 print(_layer_table([row], args, header=not rows[:-1]), flush=True)
-                del layer, dense, x, params, variants
+                del layer, dense, x, drop_grads, variants
                 gc.collect()
     return rows
 
