@@ -181,18 +181,21 @@ class _SortedRouting:
         return grad
 
 
-class _TokenSum:
-    """Per-token sums of per-row values `(rows, d)` -> `(num_tokens, d)`, accumulated in fp32 for low precision.
+def _sums_pairwise(device: torch.device) -> bool:
+    """Whether per-token sums place the rows in pair order and sum over the k slots (CUDA, where `index_add_` uses
+    atomics, so its result would depend on timing) rather than `index_add_` them per block (deterministic on CPU)."""
+    return device.type == "cuda"
 
-    On the CPU an `index_add_` per block (deterministic there); on CUDA, where `index_add_` uses atomics, the rows are
-    placed in pair order and summed over the k slots.
-    """
+
+class _TokenSum:
+    """Per-token sums of per-row values `(rows, d)` -> `(num_tokens, d)`, accumulated in fp32 for low precision,
+    pairwise or by `index_add_` (see `_sums_pairwise`)."""
 
     def __init__(self, routing: _SortedRouting, like: torch.Tensor) -> None:
         self.routing = routing
         self.dtype = like.dtype
         self.acc_dtype = torch.float32 if like.dtype in (torch.float16, torch.bfloat16) else like.dtype
-        self.pairwise = like.device.type == "cuda"
+        self.pairwise = _sums_pairwise(like.device)
         rows = routing.num_pairs if self.pairwise else routing.num_tokens
         self.total = torch.zeros(
             rows, like.shape[-1], dtype=self.acc_dtype if not self.pairwise else like.dtype, device=like.device

@@ -234,8 +234,7 @@ def test_generic_activation_falls_back_to_autograd():
     _assert_matches_eager(experts, x, index, weights)
 
 
-@pytest.mark.parametrize("activation", ["relu", "swiglu"])
-def test_bf16_runs_and_is_close(activation):
+def _assert_bf16_close(activation: str) -> None:
     experts = _experts(activation, hidden=16, intermediate=32)
     x = torch.randn(33, 16)
     index, weights = _routing(33, 6, 2)
@@ -248,6 +247,53 @@ def test_bf16_runs_and_is_close(activation):
         assert torch.isfinite(b).all()
         # No worse than the eager path in bf16 (fp32 accumulation in the matmuls and the sum over the k slots).
         assert (a - b.float()).norm() <= 1.5 * (a - c.float()).norm() + 1e-3 * a.norm()
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_bf16_runs_and_is_close(activation):
+    _assert_bf16_close(activation)
+
+
+@pytest.fixture
+def cuda_branch_on_cpu(monkeypatch):
+    """The branch `moe_fused` takes on CUDA in bf16 (all rows in one block, each product one `grouped_mm`, per-token
+    sums in pair order), run on the CPU, where `grouped_mm` has a reference kernel: no GPU was available to this
+    project. Returns the shapes of the first operands of the `grouped_mm` calls made."""
+    calls = []
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    def counting_grouped_mm(a, b, *args, **kwargs):
+        calls.append(tuple(a.shape))
+        return grouped_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(fast_experts, "_grouped_mm_ok", lambda a, b: True)
+    monkeypatch.setattr(fast_experts, "_sums_pairwise", lambda device: True)
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", counting_grouped_mm)
+    return calls
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("case", ["random", "empty_experts", "sentinel", "recompute"])
+def test_cuda_grouped_mm_branch_matches_eager(cuda_branch_on_cpu, activation, case):
+    experts = _experts(activation, expert_recompute_activations=case == "recompute")
+    x = torch.randn(21, 16)
+    index, weights = _routing(21, 6, 2, experts_used=3 if case == "empty_experts" else None)
+    if case == "sentinel":
+        index[0, 1] = 6
+        index[5] = 6  # a token with no local expert at all
+    _assert_matches_eager(experts, x, index, weights)
+    # One call per product over all rows: up and down in forward (up again in backward when recomputing), then the
+    # down projection's input gradient, the two weight gradients (over the rows' transposes), the input gradient.
+    rows, up_width = int((index < 6).sum()), 48 if activation == "swiglu" else 24
+    forward, recomputed = [(rows, 16), (rows, 24)], [(rows, 16)] * (case == "recompute")
+    backward = [(rows, 16), (16, rows), (up_width, rows), (rows, up_width)]
+    assert cuda_branch_on_cpu == forward + recomputed + backward
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_cuda_grouped_mm_branch_in_bf16_is_close(cuda_branch_on_cpu, activation):
+    _assert_bf16_close(activation)
+    assert cuda_branch_on_cpu
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
