@@ -231,8 +231,8 @@ def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _G
     in worker threads that share the caller's `torch.get_num_threads()` intra-op threads out evenly.
 
     With fewer than a few hundred rows per expert a matmul does not keep two cores busy (1024 experts with 16 rows each:
-    ~40 GFLOP/s on one core, ~60 on two, ~70 with the experts shared out to two single-threaded workers), and the
-    element-wise work between the matmuls is serial per block anyway. Each group has its own `(num_tokens, hidden)`
+    ~40 GFLOP/s on one core, ~60 on two, ~75-80 with the experts shared out to two single-threaded workers; see
+    `moe-bench --mode gemm`), and the element-wise work between the matmuls is serial per block anyway. Each group has its own `(num_tokens, hidden)`
     sums (fp32 for half-precision inputs), added in order afterwards, so the result depends on the number of groups
     only, not on the threads' timing; there are at most `max(k, 2)` groups, which bounds the memory of those sums by
     about that of the `(num_tokens * k, hidden)` expert outputs transformers' own experts paths hold, whatever the

@@ -15,7 +15,8 @@ large matmul timed among the steps, `(batch * seq_len, hidden) @ (hidden, k * ex
 at that rate, which bounds the tokens/s of any implementation of the same model on the machine.
 
 Gemm mode: the shrinking batch alone (SPEC §6): the experts' up-projection matmuls with `tokens * k / experts` rows
-each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, in GFLOP/s against one `mm` of all rows by one weight.
+each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, and on a CPU the `mm`s and the `bmm` shared out over worker
+threads as `moe_fused` shares out its blocks, in GFLOP/s against one `mm` of all rows by one weight.
 
     moe-bench --quick                       # tiny sizes, a few seconds
     moe-bench --experts 8 64 256 1024 --top-k 4 --tokens 4096 --device cpu
@@ -36,6 +37,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LAYER_IMPLEMENTATIONS = (FAST_EXPERTS_IMPLEMENTATION, "grouped_mm", "eager")
 RECOMPUTE = f"{FAST_EXPERTS_IMPLEMENTATION}+recompute"
 ONE_MM = "one mm"
+MM_IN_WORKERS = "mm per expert in worker threads"
+BMM_IN_WORKERS = "bmm in worker threads"
 
 
 def _sync(device: torch.device) -> None:
@@ -267,8 +271,9 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
 
 def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """SPEC §6's shrinking batch in isolation: the expert up-projections of `tokens * k` rows spread evenly over the
-    experts, as one `mm` per expert, one `bmm`, one `grouped_mm`, and, for the dense rate, one `mm` of all rows by a
-    single weight. Every variant does the same FLOPs."""
+    experts, as one `mm` per expert, one `bmm`, one `grouped_mm`, both of the first two also shared out over worker
+    threads (CPU), and, for the dense rate, one `mm` of all rows by a single weight. Every variant does the same
+    FLOPs."""
     rows = []
     for num_experts, top_k, num_tokens in itertools.product(args.experts, args.top_k, args.tokens):
         per_expert = num_tokens * top_k // num_experts
@@ -282,17 +287,26 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
         out = torch.empty(total, args.expert_hidden, device=device, dtype=dtype)
         offsets = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * per_expert
 
-        def per_expert_mm(x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
-            for e in range(weight_t.shape[0]):
+        def per_expert_mm(first: int, end: int, x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+            for e in range(first, end):
                 torch.mm(x[e * n : (e + 1) * n], weight_t[e], out=out[e * n : (e + 1) * n])
+
+        def bmm(first: int, end: int, x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+            torch.bmm(
+                x[first * n : end * n].view(end - first, n, -1),
+                weight_t[first:end],
+                out=out[first * n : end * n].view(end - first, n, -1),
+            )
 
         variants = {
             "one mm": lambda x=x, w=weight_t[0], out=out: torch.mm(x, w, out=out),
-            "mm per expert": per_expert_mm,
-            "bmm": lambda x=x, w=weight_t, out=out: torch.bmm(
-                x.view(w.shape[0], -1, x.shape[1]), w, out=out.view(w.shape[0], -1, w.shape[2])
-            ),
+            "mm per expert": lambda run=per_expert_mm, end=num_experts: run(0, end),
+            "bmm": lambda run=bmm, end=num_experts: run(0, end),
         }
+        workers = min(torch.get_num_threads(), max(top_k, 2), num_experts)
+        if device.type == "cpu" and workers > 1:  # as moe_fused runs its blocks on a CPU
+            variants[MM_IN_WORKERS] = _in_worker_threads(per_expert_mm, num_experts, workers)
+            variants[BMM_IN_WORKERS] = _in_worker_threads(bmm, num_experts, workers)
         if hasattr(nn.functional, "grouped_mm"):
             variants["grouped_mm"] = lambda x=x, w=weight_t, offs=offsets: nn.functional.grouped_mm(x, w, offs=offs)
         times = _median_times(variants, args.repeats, device)
@@ -311,8 +325,29 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
     return rows
 
 
+def _in_worker_threads(run: Callable[[int, int], None], num_experts: int, workers: int) -> Callable[[], None]:
+    """`run(first, end)` over `workers` contiguous runs of experts, each in a worker thread with an even share of the
+    caller's intra-op threads: how `moe_fused` shares out its blocks on a CPU (`fast_experts._run_block_groups`)."""
+    bounds = [num_experts * i // workers for i in range(workers + 1)]
+
+    def call() -> None:
+        caller_threads = torch.get_num_threads()
+
+        def task(i: int) -> None:
+            torch.set_num_threads(caller_threads // workers)
+            run(bounds[i], bounds[i + 1])
+
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(task, range(workers)))
+        finally:
+            torch.set_num_threads(caller_threads)
+
+    return call
+
+
 def _gemm_table(rows: list[dict], header: bool = True) -> str:
-    names = ["one mm", "mm per expert", "bmm", "grouped_mm"]
+    names = ["one mm", "mm per expert", MM_IN_WORKERS, "bmm", BMM_IN_WORKERS, "grouped_mm"]
     lines = []
     if header:
         lines.append(
