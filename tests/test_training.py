@@ -18,6 +18,7 @@ from modeling_moe import MoEForCausalLM
 from modeling_moe.cli import evaluate as moe_eval
 from modeling_moe.cli import push_to_hub as moe_push
 from modeling_moe.cli import train as moe_train
+from modeling_moe.cli.cpu_malloc import GLIBC, REUSING, allocator_name
 from modeling_moe.training.data import default_corpus_documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,12 @@ def test_from_scratch_logs_balance_and_heatmap(scratch_run):
     for layer in model.config.moe_layer_indices:
         assert {f"train/layer_{layer}/cv_load", f"eval/layer_{layer}/cv_importance"} <= tags
     assert {"train/lm_loss", "train/importance_loss", "train/load_loss"} <= tags
+
+
+def test_cpu_training_keeps_freed_memory(scratch_run):
+    # tests/test_cpu_malloc.py measures what it does; here: moe-train does it by default on a CPU
+    _, result = scratch_run
+    assert result["cpu_malloc"] == (REUSING if allocator_name() == GLIBC else f"left as is: {allocator_name()}")
 
 
 def test_eval_metrics_match_independent_computation(scratch_run):
@@ -216,9 +223,10 @@ def test_finetune_from_saved_folder(scratch_run, workdir):
             str(workdir / "train.txt"),
             "--validation_file",
             str(workdir / "valid.txt"),
-            *common_args(ft, max_steps=2, sample_max_new_tokens=0),
+            *common_args(ft, max_steps=2, sample_max_new_tokens=0, reuse_freed_memory="false"),
         ]
     )
+    assert result["cpu_malloc"] is None  # --reuse_freed_memory false: the malloc is left alone
     base = MoEForCausalLM.from_pretrained(out)
     tuned = MoEForCausalLM.from_pretrained(ft)
     assert tuned.config.vocab_size == base.config.vocab_size  # the saved tokenizer was reused

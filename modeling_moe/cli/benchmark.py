@@ -46,6 +46,7 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
+from .cpu_malloc import allocator_name
 from .flop_count import training_step_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -542,25 +543,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-def _cpu_allocator() -> str:
-    """The malloc this process runs with: a preloaded tcmalloc or jemalloc reuses freed memory instead of faulting in
-    fresh pages, which changes CPU timings (README, "Performance")."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:  # not Linux
-        return "system malloc"
-    preloaded = next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), None)
-    if preloaded is not None:
-        return preloaded
-    tunables = os.environ.get("GLIBC_TUNABLES")
-    return f"glibc malloc (GLIBC_TUNABLES={tunables})" if tunables else "glibc malloc"
-
-
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {_cpu_allocator()}"
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {allocator_name()}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -72,6 +72,7 @@ from ..training.evaluation import (
     summary_rows,
 )
 from ..training.hub import render_model_card, upload_hub_folder, write_hub_folder
+from .cpu_malloc import reuse_freed_memory
 
 logger = logging.getLogger("modeling_moe.train")
 
@@ -354,7 +355,8 @@ def parse_args(argv: list[str] | None = None):
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the main job; returns the metrics, the paths written, the sample and the log history."""
+    """Run the main job; returns the metrics, the paths written, the sample, the log history and what was done to
+    the CPU malloc (`cpu_malloc.reuse_freed_memory`; None: nothing)."""
     model_args, data_args, run_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -365,6 +367,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if run_args.merge and not run_args.lora:
         raise ValueError("`--merge` merges LoRA adapters: pass it together with `--lora`.")
     expert_parallel = setup_expert_parallel(model_args, run_args, training_args)
+    cpu_malloc = None
+    if run_args.reuse_freed_memory and training_args.device.type == "cpu":
+        cpu_malloc = reuse_freed_memory()
+        logger.info("CPU malloc: %s", cpu_malloc)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     check_output_dir(training_args.output_dir)
     resume = _resolve_resume(training_args)
@@ -517,7 +523,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if expert_parallel > 1:
         dist.barrier()  # the other ranks wait for rank 0's export before the process group goes away
         dist.destroy_process_group()
-    return {"metrics": metrics, "paths": paths, "sample": sample, "log_history": trainer.state.log_history}
+    return {
+        "metrics": metrics,
+        "paths": paths,
+        "sample": sample,
+        "log_history": trainer.state.log_history,
+        "cpu_malloc": cpu_malloc,
+    }
 
 
 def _training_description(training_args: TrainingArguments, metrics: dict[str, Any], block_size: int, run_args) -> str:

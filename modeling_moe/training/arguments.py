@@ -102,6 +102,14 @@ class RunArguments:
     hub_export_dir: str | None = field(
         default=None, metadata={"help": "Where the Hub-ready folder is written (default: `output_dir/hub_export`)."}
     )
+    reuse_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "Training on a CPU under glibc's default malloc: keep freed memory for the next steps instead of "
+            "faulting in fresh pages every step (mallopt; the README's `GLIBC_TUNABLES` line at run time; the process "
+            "keeps its peak memory). A preloaded tcmalloc / jemalloc or a set `GLIBC_TUNABLES` are left as they are."
+        },
+    )
     expert_parallel: int = field(
         default=1,
         metadata={
