@@ -223,7 +223,31 @@ class _TokenSum:
         return self.total.to(self.dtype)
 
 
+_Item = TypeVar("_Item")
 _GroupResult = TypeVar("_GroupResult")
+
+
+def worker_thread_count(top_k: int) -> int:
+    """How many worker threads `moe_fused` shares its blocks out to on a CPU: at most `max(k, 2)` (see
+    `_run_block_groups`), and no more than the caller's intra-op threads."""
+    return min(torch.get_num_threads(), max(top_k, 2))
+
+
+def map_in_worker_threads(work: Callable[[_Item], _GroupResult], items: list[_Item]) -> list[_GroupResult]:
+    """`work(item)` for each item, in order, each in its own worker thread with an even share of the caller's
+    `torch.get_num_threads()` intra-op threads."""
+    caller_threads = torch.get_num_threads()
+
+    def task(item: _Item) -> _GroupResult:
+        torch.set_num_threads(caller_threads // len(items))
+        return work(item)
+
+    try:
+        with ThreadPoolExecutor(len(items), thread_name_prefix="moe_fused") as pool:
+            return list(pool.map(task, items))
+    finally:
+        # `set_num_threads` also sets the count that threads started later begin with: give the caller's back.
+        torch.set_num_threads(caller_threads)
 
 
 def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _GroupResult]) -> list[_GroupResult]:
@@ -232,31 +256,24 @@ def _run_block_groups(routing: _SortedRouting, work: Callable[[list[_Block]], _G
 
     With fewer than a few hundred rows per expert a matmul does not keep two cores busy (1024 experts with 16 rows each:
     ~40 GFLOP/s on one core, ~60 on two, ~75-80 with the experts shared out to two single-threaded workers; see
-    `moe-bench --mode gemm`), and the element-wise work between the matmuls is serial per block anyway. Each group has its own `(num_tokens, hidden)`
-    sums (fp32 for half-precision inputs), added in order afterwards, so the result depends on the number of groups
-    only, not on the threads' timing; there are at most `max(k, 2)` groups, which bounds the memory of those sums by
-    about that of the `(num_tokens * k, hidden)` expert outputs transformers' own experts paths hold, whatever the
-    number of cores. The workers run without autograd, as the caller does (an autograd function's forward and
-    backward, or inference), in inference mode if the caller is. Under a dispatch mode (e.g. torch's
-    `FlopCounterMode`), which sees only the thread it was entered in, the same groups run here in turn.
+    `moe-bench --mode gemm`), and the element-wise work between the matmuls is serial per block anyway. Each group has
+    its own `(num_tokens, hidden)` sums (fp32 for half-precision inputs), added in order afterwards, so the result
+    depends on the number of groups only, not on the threads' timing; there are at most `max(k, 2)` groups, which
+    bounds the memory of those sums by about that of the `(num_tokens * k, hidden)` expert outputs transformers' own
+    experts paths hold, whatever the number of cores. The workers run without autograd, as the caller does (an autograd
+    function's forward and backward, or inference), in inference mode if the caller is. Under a dispatch mode (e.g.
+    torch's `FlopCounterMode`), which sees only the thread it was entered in, the same groups run here in turn.
     """
-    caller_threads = torch.get_num_threads()
-    groups = routing.block_groups(min(caller_threads, max(routing.top_k, 2)))
+    groups = routing.block_groups(worker_thread_count(routing.top_k))
     if len(groups) == 1 or _get_current_dispatch_mode() is not None:
         return [work(group) for group in groups]
     inference = torch.is_inference_mode_enabled()
 
-    def task(group: list[_Block]) -> _GroupResult:
-        torch.set_num_threads(caller_threads // len(groups))
+    def autograd_off(group: list[_Block]) -> _GroupResult:
         with torch.inference_mode(inference), torch.no_grad():
             return work(group)
 
-    try:
-        with ThreadPoolExecutor(len(groups), thread_name_prefix="moe_fused") as pool:
-            return list(pool.map(task, groups))
-    finally:
-        # `set_num_threads` also sets the count that threads started later begin with: give the caller's back.
-        torch.set_num_threads(caller_threads)
+    return map_in_worker_threads(autograd_off, groups)
 
 
 def _activation_kind(act_fn: nn.Module) -> str:

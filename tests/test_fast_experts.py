@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
+from modeling_moe.cli.benchmark import BMM_IN_WORKERS, MM_IN_WORKERS
 from modeling_moe.cli.cpu_malloc import allocator_name
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
@@ -445,7 +446,7 @@ def test_benchmark_gemm_mode_times_every_variant(tmp_path):
     assert [(int(row[0]), int(row[3])) for row in table] == [(4, 32), (16, 8)]
     always = ["one mm", "mm per expert", "bmm"]
     # on a CPU with more than one intra-op thread, also shared out over worker threads as moe_fused does
-    in_workers = ["mm per expert in worker threads", "bmm in worker threads"] if torch.get_num_threads() > 1 else []
+    in_workers = [MM_IN_WORKERS, BMM_IN_WORKERS] if torch.get_num_threads() > 1 else []
     for row in table:
         rates = {name: float(row[columns.index(f"{name} GFLOP/s")]) for name in always + in_workers}  # "-": not run
         # the worker threads' start-up dominates at these sizes: their rates may round to 0.0

@@ -37,14 +37,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..configuration_moe import MoEConfig
-from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION
+from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, worker_thread_count
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
 from .cpu_malloc import allocator_name
 from .flop_count import training_step_flops
@@ -304,7 +303,7 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
             "mm per expert": lambda run=per_expert_mm, end=num_experts: run(0, end),
             "bmm": lambda run=bmm, end=num_experts: run(0, end),
         }
-        workers = min(torch.get_num_threads(), max(top_k, 2), num_experts)
+        workers = min(worker_thread_count(top_k), num_experts)
         if device.type == "cpu" and workers > 1:  # as moe_fused runs its blocks on a CPU
             variants[MM_IN_WORKERS] = _in_worker_threads(per_expert_mm, num_experts, workers)
             variants[BMM_IN_WORKERS] = _in_worker_threads(bmm, num_experts, workers)
@@ -328,23 +327,9 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
 
 def _in_worker_threads(run: Callable[[int, int], None], num_experts: int, workers: int) -> Callable[[], None]:
     """`run(first, end)` over `workers` contiguous runs of experts, each in a worker thread with an even share of the
-    caller's intra-op threads: how `moe_fused` shares out its blocks on a CPU (`fast_experts._run_block_groups`)."""
+    caller's intra-op threads: how `moe_fused` shares out its blocks on a CPU (`fast_experts.map_in_worker_threads`)."""
     bounds = [num_experts * i // workers for i in range(workers + 1)]
-
-    def call() -> None:
-        caller_threads = torch.get_num_threads()
-
-        def task(i: int) -> None:
-            torch.set_num_threads(caller_threads // workers)
-            run(bounds[i], bounds[i + 1])
-
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(task, range(workers)))
-        finally:
-            torch.set_num_threads(caller_threads)
-
-    return call
+    return lambda: map_in_worker_threads(lambda i: run(bounds[i], bounds[i + 1]), list(range(workers)))
 
 
 def _gemm_table(rows: list[dict], header: bool = True) -> str:
