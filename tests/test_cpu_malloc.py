@@ -61,3 +61,58 @@ def test_a_preloaded_allocator_is_named_and_left_as_is(library, name):
         pytest.skip(f"needs {LIBDIR / library} (Debian: libjemalloc2 / libgoogle-perftools4)")
     status, _ = run_faults("reuse", LD_PRELOAD=str(LIBDIR / library))
     assert status == f"left as is: {name}"
+
+
+# Peak resident growth (MiB) of calls with a known peak of tensor memory, after what argv[1] asks for.
+PEAKS = """
+import sys, threading, torch
+from modeling_moe.cli.cpu_malloc import malloc_for_measuring, peak_resident_growth, reuse_freed_memory
+if sys.argv[1] == "reuse":
+    reuse_freed_memory()
+if sys.argv[1] == "measure":
+    assert malloc_for_measuring()
+def sequential():  # 64 MiB, freed, then 32 MiB: peak 64
+    torch.ones(16 << 20)
+    torch.ones(8 << 20)
+def together():  # two 32 MiB tensors alive at once: peak 64
+    a = torch.ones(8 << 20)
+    b = torch.ones(8 << 20)
+    return a, b
+def in_a_thread():  # 32 MiB in another thread: 32
+    thread = threading.Thread(target=lambda: torch.ones(8 << 20))
+    thread.start()
+    thread.join()
+cases = (sequential, together, in_a_thread, lambda: None)
+for _ in range(2):  # the second round reuses what the first left to malloc
+    print(*(peak_resident_growth(case) / 2**20 for case in cases))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and glibc's malloc")
+@pytest.mark.parametrize("mode", ["default", "reuse", "measure"])
+def test_peak_resident_growth_is_the_peak_of_live_memory(mode):
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    result = subprocess.run([sys.executable, "-c", PEAKS, mode], capture_output=True, text=True, timeout=120, env=clean)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rounds = [[float(mib) for mib in line.split()] for line in result.stdout.strip().splitlines()]
+    for sequential, together, _, nothing in rounds:
+        assert 63 <= sequential <= 67 and 63 <= together <= 67 and nothing < 1, rounds
+    # A new thread may take over an earlier one's malloc arena; after reuse_freed_memory() that arena kept what the
+    # earlier thread freed, and reusing it does not show (peak_resident_growth's caveat): only the first round counts.
+    in_threads = [in_a_thread for *_, in_a_thread, _ in rounds[: 1 if mode == "reuse" else None]]
+    assert all(31 <= mib <= 35 for mib in in_threads), rounds
+
+
+def test_peak_resident_growth_is_not_guessed_under_another_allocator():
+    library = LIBDIR / "libtcmalloc_minimal.so.4"
+    if not library.exists():
+        pytest.skip(f"needs {library} (Debian: libgoogle-perftools4)")
+    code = "from modeling_moe.cli.cpu_malloc import peak_resident_growth; print(peak_resident_growth(lambda: None))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LD_PRELOAD": str(library)},
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "None", result.stderr[-2000:]

@@ -434,6 +434,26 @@ def test_benchmark_quick_run_writes_its_tables(tmp_path):
     assert f"torch {torch.__version__}, {allocator_name()}" in layer.splitlines()[0]  # same environment as here
 
 
+def test_benchmark_measures_the_peak_memory_recomputation_saves(tmp_path):
+    """On a CPU the layer table's peak memory is the resident set's growth, measured in a new process whose malloc
+    follows the live memory: recomputing the expert activations (SPEC §6) lowers it by the hidden activations it
+    does not store, less the blocks' activations it recomputes at a time (a few MiB per worker thread)."""
+    tokens, top_k, expert_hidden = 8192, 2, 1024
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--experts", "8", "--top-k", str(top_k)]
+    command += ["--tokens", str(tokens), "--hidden", "64", "--expert-hidden", str(expert_hidden), "--repeats", "1"]
+    command += ["--implementations", FAST_EXPERTS_IMPLEMENTATION, "grouped_mm", "--output-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in (tmp_path / "benchmark_layer.md").read_text().splitlines() if line.startswith("| 8 "))
+    dense, fused, recomputed, grouped = map(float, row.strip("|").split("|")[-1].split("/"))
+    hidden_activations = tokens * top_k * expert_hidden * 4 / 2**20  # (tokens * k, expert hidden) fp32: 64 MiB
+    assert 0.75 * hidden_activations <= fused - recomputed <= hidden_activations + 2, row
+    # every forward+backward at least allocates the input's gradient and the activations it keeps for backward
+    input_grad = tokens * 64 * 4 / 2**20
+    assert dense > input_grad + hidden_activations and grouped > input_grad + hidden_activations, row
+    assert recomputed > input_grad, row
+
+
 def test_benchmark_gemm_mode_times_every_variant(tmp_path):
     command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--mode", "gemm"]
     result = subprocess.run([*command, "--output-dir", tmp_path], capture_output=True, text=True, timeout=120, cwd=ROOT)

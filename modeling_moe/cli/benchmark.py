@@ -5,7 +5,9 @@ forward+backward of one MoE layer (a softmax top-k gate and the experts, through
 the dense feed-forward layer with the same active parameters (hidden `k * expert_hidden`), running the variants in a
 new random order every repeat and taking the median, and reports tokens/s, the ratio of each time to the dense one,
 the speed-up of `moe_fused` over transformers' `eager` and `grouped_mm`, and memory: the bytes saved for backward
-(exact, any device) and, on CUDA, the peak allocated memory.
+(exact, any device) and the peak memory one forward+backward adds to what was allocated before (weights and input;
+their gradients count, as the call allocates them): on CUDA the allocator's peak, on a CPU the peak growth of the
+resident set (`cpu_malloc.peak_resident_growth`, in a new process).
 
 Model mode: training (forward+backward) and greedy generation tokens/s of `MoEForCausalLM` (with `moe_fused` and with
 transformers' `grouped_mm`) against transformers' `OlmoeForCausalLM` (with `grouped_mm`, and with `moe_fused`, which
@@ -27,9 +29,11 @@ threads as `moe_fused` shares out its blocks, in GFLOP/s against one `mm` of all
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -45,7 +49,7 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, worker_thread_count
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
-from .cpu_malloc import allocator_name
+from .cpu_malloc import allocator_name, malloc_for_measuring, peak_resident_growth
 from .flop_count import training_step_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,15 +111,16 @@ def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def _peak_cuda_bytes(fn: Callable[[], None], device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
+def _peak_cuda_bytes_added(fn: Callable[[], None], device: torch.device, reset: Callable[[], None]) -> int:
+    """Peak CUDA memory `fn` allocates above what is allocated before it (after `reset`)."""
+    reset()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
     _sync(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 class _DenseFFN(nn.Module):
@@ -183,6 +188,71 @@ def layer_and_dense(
     return config, layer, dense, x, drop_grads
 
 
+# A layer benchmark variant: (module, experts implementation or None for the dense FFN, recompute activations)
+_Variant = tuple[nn.Module, str | None, bool]
+
+
+def _layer_variants(
+    args: argparse.Namespace, num_experts: int, layer: _MoELayer, dense: _DenseFFN
+) -> dict[str, _Variant]:
+    variants: dict[str, _Variant] = {"dense": (dense, None, False)}
+    for name in args.implementations:
+        if name != "eager" or num_experts <= args.eager_max_experts:
+            variants[name] = (layer, name, False)
+    variants[RECOMPUTE] = (layer, FAST_EXPERTS_IMPLEMENTATION, True)
+    return variants
+
+
+def _forward(config: MoEConfig, variant: _Variant, x: torch.Tensor) -> torch.Tensor:
+    module, implementation, recompute = variant
+    if implementation is not None:
+        config._experts_implementation_internal = implementation
+    config.expert_recompute_activations = recompute
+    return module(x)
+
+
+def _forward_backward(config: MoEConfig, variant: _Variant, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        _forward(config, variant, x).float().sum().backward()
+
+    return run
+
+
+def _cpu_peaks(
+    args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, dtype: torch.dtype
+) -> dict[str, int | None]:
+    """Peak resident growth of each variant's forward+backward, in a new process (`_cpu_peaks_in_a_new_process`) whose
+    malloc is set for measuring (`cpu_malloc.malloc_for_measuring`): the growth is then the peak of the live memory,
+    whereas in the timing process it would count freed memory malloc keeps, and miss what moe_fused's worker threads
+    kept from earlier calls and reuse."""
+    config, layer, dense, x, drop_grads = layer_and_dense(
+        args, num_experts, top_k, num_tokens, torch.device("cpu"), dtype
+    )
+    variants = _layer_variants(args, num_experts, layer, dense)
+    # One call each on a few tokens first, so that kernels' and libraries' one-time buffers are not counted.
+    few_tokens = x[:8].detach().requires_grad_()
+    for variant in variants.values():
+        _forward_backward(config, variant, few_tokens)()
+    peaks = {}
+    for name, variant in variants.items():
+        drop_grads()
+        peaks[name] = peak_resident_growth(_forward_backward(config, variant, x))
+    return peaks
+
+
+def _cpu_peaks_in_a_new_process(
+    args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, dtype: torch.dtype
+) -> dict[str, int | None]:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1, initializer=_start_memory_process, initargs=(torch.get_num_threads(),)) as pool:
+        return pool.apply(_cpu_peaks, (args, num_experts, top_k, num_tokens, dtype))
+
+
+def _start_memory_process(num_threads: int) -> None:
+    malloc_for_measuring()
+    torch.set_num_threads(num_threads)  # as many as the timed runs had: moe_fused's worker threads depend on it
+
+
 def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for num_experts in args.experts:
@@ -193,34 +263,20 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 config, layer, dense, x, drop_grads = layer_and_dense(
                     args, num_experts, top_k, num_tokens, device, dtype
                 )
-
-                def select(implementation: str | None, recompute: bool, config=config) -> None:
-                    if implementation is not None:
-                        config._experts_implementation_internal = implementation
-                    config.expert_recompute_activations = recompute
-
-                def step(module: nn.Module, *selection, x=x) -> Callable[[], None]:
-                    def run() -> None:
-                        select(*selection)
-                        module(x).float().sum().backward()
-
-                    return run
-
-                # name -> (module, experts implementation, recompute)
-                specs = {"dense": (dense, None, False)}
-                for name in args.implementations:
-                    if name != "eager" or num_experts <= args.eager_max_experts:
-                        specs[name] = (layer, name, False)
-                specs[RECOMPUTE] = (layer, FAST_EXPERTS_IMPLEMENTATION, True)
-                variants = {name: step(*spec) for name, spec in specs.items()}
-                times = _median_times(variants, args.repeats, device, reset=drop_grads)
-                memory = {}
-                for name, (module, *selection) in specs.items():
-                    select(*selection)
+                variants = _layer_variants(args, num_experts, layer, dense)
+                steps = {name: _forward_backward(config, variant, x) for name, variant in variants.items()}
+                times = _median_times(steps, args.repeats, device, reset=drop_grads)
+                saved = {}
+                for name, variant in variants.items():
                     drop_grads()
-                    memory[name] = (_saved_bytes(lambda m=module, x=x: m(x)), _peak_cuda_bytes(variants[name], device))
+                    saved[name] = _saved_bytes(functools.partial(_forward, config, variant, x))
                 drop_grads()
-                select(FAST_EXPERTS_IMPLEMENTATION, False)
+                if device.type == "cuda":
+                    peaks = {name: _peak_cuda_bytes_added(step, device, drop_grads) for name, step in steps.items()}
+                else:
+                    peaks = _cpu_peaks_in_a_new_process(args, num_experts, top_k, num_tokens, dtype)
+                drop_grads()
+                memory = {name: (saved[name], peaks[name]) for name in variants}
                 recompute_time, recompute_memory = times.pop(RECOMPUTE), memory.pop(RECOMPUTE)
                 fused = times[FAST_EXPERTS_IMPLEMENTATION]
                 row = {
@@ -236,7 +292,7 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 }
                 rows.append(row)
                 print(_layer_table([row], args, header=not rows[:-1]), flush=True)
-                del layer, dense, x, drop_grads, variants
+                del layer, dense, x, drop_grads, variants, steps
                 gc.collect()
     return rows
 
@@ -248,7 +304,7 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
         lines += [
             "| experts | k | tokens | moe_fused tok/s | dense tok/s | fused / dense | grouped_mm / dense | eager / dense "
             "| fused speed-up vs grouped_mm | vs eager | saved for bwd MiB (incl. weights): dense / fused / fused+recompute "
-            "| recompute time / fused | CUDA peak MiB: dense / fused / fused+recompute |",
+            "| recompute time / fused | peak MiB added by forward+backward: dense / fused / fused+recompute / grouped_mm |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
         ]
     for row in rows:
@@ -257,8 +313,13 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
         grouped, eager = t.get("grouped_mm"), t.get("eager")
         saved = f"{mem['dense'][0] / mib:.1f} / {mem[FAST_EXPERTS_IMPLEMENTATION][0] / mib:.1f} / "
         saved += f"{row['recompute_memory'][0] / mib:.1f}"
-        peaks = (mem["dense"][1], mem[FAST_EXPERTS_IMPLEMENTATION][1], row["recompute_memory"][1])
-        peak = "-" if peaks[0] is None else " / ".join(f"{p / mib:.0f}" for p in peaks)
+        peaks = (
+            mem["dense"][1],
+            mem[FAST_EXPERTS_IMPLEMENTATION][1],
+            row["recompute_memory"][1],
+            mem.get("grouped_mm", (None, None))[1],
+        )
+        peak = "-" if peaks[0] is None else " / ".join(_fmt(p and p / mib, ".0f") for p in peaks)
         lines.append(
             f"| {row['experts']} | {row['k']} | {row['tokens']} | {row['fused_tokens_per_s']:.0f} "
             f"| {row['dense_tokens_per_s']:.0f} | {fused / dense:.2f} "
