@@ -145,9 +145,17 @@ def test_eval_metrics_match_independent_computation(scratch_run):
     assert counts[0] == sum(p.numel() for p in model.parameters()) and counts[1] < counts[0]
 
     # moe-eval on the saved folder reproduces the same numbers.
-    evaluated = moe_eval.run(
+    evaluation = moe_eval.run(
         ["--model_name_or_path", str(out), "--block_size", "32", "--max_eval_samples", "8", "--use_cpu", "true"]
-    )["metrics"]
+    )
+    evaluated = evaluation["metrics"]
+    # on a CPU it keeps freed memory for the next batches, as moe-train does
+    assert evaluation["cpu_malloc"] == (REUSING if allocator_name() == GLIBC else f"left as is: {allocator_name()}")
+    left_alone = moe_eval.run(
+        ["--model_name_or_path", str(out), "--block_size", "32", "--max_eval_samples", "8", "--use_cpu", "true"]
+        + ["--sample_max_new_tokens", "0", "--reuse_freed_memory", "false"]
+    )
+    assert left_alone["cpu_malloc"] is None and left_alone["metrics"]["eval_loss"] == evaluated["eval_loss"]
     assert evaluated["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"], rel=1e-5)
     assert evaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
 

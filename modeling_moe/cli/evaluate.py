@@ -26,6 +26,7 @@ from ..training.evaluation import (
     parameter_counts,
     summary_rows,
 )
+from .cpu_malloc import reuse_freed_memory
 from .train import check_output_dir, generate_sample
 
 
@@ -42,6 +43,14 @@ class EvalArguments:
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of a sample ('' skips it)."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens of the sample ('0' skips it)."})
     use_cpu: bool = field(default=False, metadata={"help": "Evaluate on CPU even where an accelerator exists."})
+    reuse_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "On a CPU under glibc's default malloc: keep freed memory (logits, activations) for the next "
+            "batches instead of faulting in fresh pages every batch, as moe-train does (the process keeps its peak "
+            "memory). A preloaded tcmalloc / jemalloc or a set `GLIBC_TUNABLES` are left as they are."
+        },
+    )
 
 
 @dataclass
@@ -124,6 +133,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
             disable_tqdm=True,
         )
+        cpu_malloc = None
+        if args.reuse_freed_memory and training_args.device.type == "cpu":
+            cpu_malloc = reuse_freed_memory()
         trainer, callback = build_trainer(model, training_args, tokenizer, eval_dataset=eval_dataset)
         metrics: dict[str, Any] = dict(trainer.evaluate())
         callback.detach()
@@ -138,7 +150,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n" + format_table(summary_rows(metrics, base.config, counts)) + "\n")
     if sample is not None:
         print(f"Sample ({args.sample_prompt!r}, sampled):\n{sample}\n")
-    return {"metrics": metrics, "sample": sample}
+    return {"metrics": metrics, "sample": sample, "cpu_malloc": cpu_malloc}
 
 
 def main(argv: list[str] | None = None) -> int:
