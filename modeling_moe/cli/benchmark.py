@@ -14,7 +14,8 @@ transformers' `grouped_mm`) against transformers' `OlmoeForCausalLM` (with `grou
 isolates what the rest of each model costs) at matching sizes (SwiGLU experts, like OLMoE's, unless
 `--activation relu`). Each training step's matmul FLOPs are counted (`flop_count.py`) and set against the rate of one
 large matmul timed among the steps, `(batch * seq_len, hidden) @ (hidden, k * expert_hidden)`: a step can at best run
-at that rate, which bounds the tokens/s of any implementation of the same model on the machine.
+at that rate, which bounds the tokens/s of any implementation of the same model on the machine. Each training step's
+peak memory is measured as in layer mode (the parameters' gradients count).
 
 Gemm mode: the shrinking batch alone (SPEC §6): the experts' up-projection matmuls with `tokens * k / experts` rows
 each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, and on a CPU the `mm`s and the `bmm` shared out over worker
@@ -218,10 +219,10 @@ def _forward_backward(config: MoEConfig, variant: _Variant, x: torch.Tensor) -> 
     return run
 
 
-def _cpu_peaks(
+def _cpu_layer_peaks(
     args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, dtype: torch.dtype
 ) -> dict[str, int | None]:
-    """Peak resident growth of each variant's forward+backward, in a new process (`_cpu_peaks_in_a_new_process`) whose
+    """Peak resident growth of each variant's forward+backward, in a new process (`_in_a_memory_process`) whose
     malloc is set for measuring (`cpu_malloc.malloc_for_measuring`): the growth is then the peak of the live memory,
     whereas in the timing process it would count freed memory malloc keeps, and miss what moe_fused's worker threads
     kept from earlier calls and reuse."""
@@ -240,12 +241,11 @@ def _cpu_peaks(
     return peaks
 
 
-def _cpu_peaks_in_a_new_process(
-    args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, dtype: torch.dtype
-) -> dict[str, int | None]:
+def _in_a_memory_process(measure: Callable[..., dict[str, int | None]], *args: object) -> dict[str, int | None]:
+    """`measure(*args)` in a new process set for measuring memory (a module-level function: it is pickled by name)."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1, initializer=_start_memory_process, initargs=(torch.get_num_threads(),)) as pool:
-        return pool.apply(_cpu_peaks, (args, num_experts, top_k, num_tokens, dtype))
+        return pool.apply(measure, args)
 
 
 def _start_memory_process(num_threads: int) -> None:
@@ -274,7 +274,7 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 if device.type == "cuda":
                     peaks = {name: _peak_cuda_bytes_added(step, device, drop_grads) for name, step in steps.items()}
                 else:
-                    peaks = _cpu_peaks_in_a_new_process(args, num_experts, top_k, num_tokens, dtype)
+                    peaks = _in_a_memory_process(_cpu_layer_peaks, args, num_experts, top_k, num_tokens, dtype)
                 drop_grads()
                 memory = {name: (saved[name], peaks[name]) for name in variants}
                 recompute_time, recompute_memory = times.pop(RECOMPUTE), memory.pop(RECOMPUTE)
@@ -447,32 +447,61 @@ def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int):
     return ours, olmoe
 
 
+def _model_variants(ours: nn.Module, olmoe: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """(model, experts implementation) per variant; OLMoE with our fused path shows what the rest costs."""
+    return {
+        f"MoEForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (ours, FAST_EXPERTS_IMPLEMENTATION),
+        "MoEForCausalLM (grouped_mm)": (ours, "grouped_mm"),
+        "OlmoeForCausalLM (grouped_mm)": (olmoe, "grouped_mm"),
+        f"OlmoeForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (olmoe, FAST_EXPERTS_IMPLEMENTATION),
+    }
+
+
+def _train_step(model: nn.Module, implementation: str, ids: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.set_experts_implementation(implementation)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return run
+
+
+def _models_and_batch(
+    args: argparse.Namespace, num_experts: int, top_k: int, device: torch.device, dtype: torch.dtype
+) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """(ours, OLMoE, training batch `(batch, seq_len)`), seeded: the same in the memory process."""
+    ours, olmoe = _olmoe_and_moe(args, num_experts, top_k)
+    for model in (ours, olmoe):
+        model.to(device=device, dtype=dtype)
+    return ours, olmoe, torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+
+
+def _cpu_model_peaks(
+    args: argparse.Namespace, num_experts: int, top_k: int, dtype: torch.dtype
+) -> dict[str, int | None]:
+    """Peak resident growth of each variant's training step (forward+backward), as `_cpu_layer_peaks` does for the
+    layer."""
+    ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, torch.device("cpu"), dtype)
+    variants = _model_variants(ours, olmoe)
+    for model, implementation in variants.values():  # one-time buffers first, on a few tokens
+        _train_step(model, implementation, ids[:1, :8])()
+    peaks = {}
+    for name, (model, implementation) in variants.items():
+        ours.zero_grad(set_to_none=True)
+        olmoe.zero_grad(set_to_none=True)
+        peaks[name] = peak_resident_growth(_train_step(model, implementation, ids))
+    return peaks
+
+
 def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for num_experts in args.experts:
         for top_k in args.top_k:
             if top_k > num_experts:
                 continue
-            ours, olmoe = _olmoe_and_moe(args, num_experts, top_k)
-            for model in (ours, olmoe):
-                model.to(device=device, dtype=dtype)
-            # (model, experts implementation) per variant; OLMoE with our fused path shows what the rest costs.
-            variants = {
-                f"MoEForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (ours, FAST_EXPERTS_IMPLEMENTATION),
-                "MoEForCausalLM (grouped_mm)": (ours, "grouped_mm"),
-                "OlmoeForCausalLM (grouped_mm)": (olmoe, "grouped_mm"),
-                f"OlmoeForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (olmoe, FAST_EXPERTS_IMPLEMENTATION),
-            }
-            ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+            ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, device, dtype)
+            variants = _model_variants(ours, olmoe)
             prompt = ids[:, : max(1, args.seq_len // 4)]
-
-            def train_step(model: nn.Module, implementation: str, ids: torch.Tensor = ids) -> Callable[[], None]:
-                def run() -> None:
-                    model.set_experts_implementation(implementation)
-                    model.train()
-                    model(input_ids=ids, labels=ids).loss.backward()
-
-                return run
 
             def generate(model: nn.Module, implementation: str, prompt: torch.Tensor = prompt) -> Callable[[], None]:
                 def run() -> None:
@@ -493,7 +522,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
             mm_shape = (ids.numel(), args.hidden, top_k * args.expert_hidden)
             mm_a = torch.randn(mm_shape[:2], device=device, dtype=dtype)
             mm_b = torch.randn(mm_shape[1:], device=device, dtype=dtype)
-            steps = {n: train_step(*v) for n, v in variants.items()}
+            steps = {name: _train_step(model, impl, ids) for name, (model, impl) in variants.items()}
             steps[ONE_MM] = lambda a=mm_a, b=mm_b: torch.mm(a, b)
             train = _median_times(steps, args.repeats, device, reset=drop_grads)
             mm_rate = 2 * math.prod(mm_shape) / train[ONE_MM]
@@ -501,6 +530,11 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
             for name, (model, implementation) in variants.items():
                 model.set_experts_implementation(implementation)
                 flops[name] = training_step_flops(model.train(), ids)
+            drop_grads()
+            if device.type == "cuda":
+                peaks = {name: _peak_cuda_bytes_added(steps[name], device, drop_grads) for name in variants}
+            else:
+                peaks = _in_a_memory_process(_cpu_model_peaks, args, num_experts, top_k, dtype)
             drop_grads()
             gen = _median_times({n: generate(*v) for n, v in variants.items()}, args.repeats, device)
             reference = "OlmoeForCausalLM (grouped_mm)"
@@ -516,13 +550,14 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                         "train_share_of_mm": flops[name] / train[name] / mm_rate,
                         "one_mm_shape": mm_shape,
                         "one_mm_gflops": mm_rate / 1e9,
+                        "train_peak_bytes_added": peaks[name],
                         "generate_tokens_per_s": args.batch * args.new_tokens / gen[name],
                         "train_vs_olmoe": train[reference] / train[name],
                         "generate_vs_olmoe": gen[reference] / gen[name],
                     }
                 )
             print(_model_table(rows[-len(variants) :], header=len(rows) == len(variants)), flush=True)
-            del ours, olmoe, variants
+            del ours, olmoe, variants, steps
             gc.collect()
     return rows
 
@@ -533,14 +568,15 @@ def _model_table(rows: list[dict], header: bool = True) -> str:
         lines += [
             "| model (experts implementation) | experts | k | training tok/s | vs OLMoE (grouped_mm) "
             "| training GFLOP/step | training GFLOP/s | one mm GFLOP/s | training / one mm "
-            "| greedy generation tok/s | vs OLMoE (grouped_mm) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| training step peak MiB added | greedy generation tok/s | vs OLMoE (grouped_mm) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['experts']} | {row['k']} | {row['train_tokens_per_s']:.0f} "
             f"| {row['train_vs_olmoe']:.2f} | {row['train_gflop_per_step']:.4g} | {row['train_gflops']:.1f} "
             f"| {row['one_mm_gflops']:.1f} | {row['train_share_of_mm']:.2f} "
+            f"| {_fmt(row['train_peak_bytes_added'] and row['train_peak_bytes_added'] / 2**20, '.0f')} "
             f"| {row['generate_tokens_per_s']:.1f} | {row['generate_vs_olmoe']:.2f} |"
         )
     return "\n".join(lines)
