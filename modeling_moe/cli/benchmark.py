@@ -405,7 +405,8 @@ def _gemm_table(rows: list[dict], header: bool = True) -> str:
         lines.append("|" + "---:|" * (5 + len(names)))
     for row in rows:
         rates = row["gflops"]
-        cells = [_fmt(rates.get(name), ".1f") for name in names]
+        # two significant digits below 0.1 (tiny --quick sizes, where thread start-up dominates): never a bare 0.0
+        cells = [_fmt(rates.get(name), ".1f" if rates.get(name, 1.0) >= 0.1 else ".2g") for name in names]
         slowdown = rates["one mm"] / rates["mm per expert"]
         lines.append(
             f"| {row['experts']} | {row['k']} | {row['tokens']} | {row['rows_per_expert']} | "
