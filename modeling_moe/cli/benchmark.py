@@ -242,7 +242,10 @@ def _cpu_layer_peaks(
 
 
 def _in_a_memory_process(measure: Callable[..., dict[str, int | None]], *args: object) -> dict[str, int | None]:
-    """`measure(*args)` in a new process set for measuring memory (a module-level function: it is pickled by name)."""
+    """`measure(*args)` in a new process set for measuring memory (a module-level function: it is pickled by name);
+    empty where this machine's memory cannot be measured (not Linux, or not glibc's malloc)."""
+    if peak_resident_growth(lambda: None) is None:
+        return {}
     context = multiprocessing.get_context("spawn")
     with context.Pool(1, initializer=_start_memory_process, initargs=(torch.get_num_threads(),)) as pool:
         return pool.apply(measure, args)
@@ -276,7 +279,7 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 else:
                     peaks = _in_a_memory_process(_cpu_layer_peaks, args, num_experts, top_k, num_tokens, dtype)
                 drop_grads()
-                memory = {name: (saved[name], peaks[name]) for name in variants}
+                memory = {name: (saved[name], peaks.get(name)) for name in variants}
                 recompute_time, recompute_memory = times.pop(RECOMPUTE), memory.pop(RECOMPUTE)
                 fused = times[FAST_EXPERTS_IMPLEMENTATION]
                 row = {
@@ -551,7 +554,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                         "train_share_of_mm": flops[name] / train[name] / mm_rate,
                         "one_mm_shape": mm_shape,
                         "one_mm_gflops": mm_rate / 1e9,
-                        "train_peak_bytes_added": peaks[name],
+                        "train_peak_bytes_added": peaks.get(name),
                         "generate_tokens_per_s": args.batch * args.new_tokens / gen[name],
                         "train_vs_olmoe": train[reference] / train[name],
                         "generate_vs_olmoe": gen[reference] / gen[name],
