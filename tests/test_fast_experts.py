@@ -12,7 +12,7 @@ import torch
 
 from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
 from modeling_moe.cli.benchmark import BMM_IN_WORKERS, MM_IN_WORKERS
-from modeling_moe.cli.cpu_malloc import GLIBC, allocator_name
+from modeling_moe.cli.cpu_malloc import allocator_name, can_measure_resident_growth
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
 
@@ -430,7 +430,7 @@ def test_benchmark_quick_run_writes_its_tables(tmp_path):
         flops.setdefault((row[0].split(" (")[0], row[1]), set()).add(float(row[5]))
     assert len(flops) == 4 and all(len(values) == 1 and values.pop() > 0 for values in flops.values())
     # training step peak MiB added: measured for every variant on Linux with glibc's malloc, else "-"
-    measured = sys.platform.startswith("linux") and allocator_name().startswith(GLIBC)
+    measured = can_measure_resident_growth()
     assert all(float(row[9]) >= 0 if measured else row[9].strip() == "-" for row in model_rows)
     assert (tmp_path / "benchmark_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
@@ -441,7 +441,7 @@ def test_benchmark_measures_the_peak_memory_recomputation_saves(tmp_path):
     """On a CPU the layer table's peak memory is the resident set's growth, measured in a new process whose malloc
     follows the live memory: recomputing the expert activations (SPEC §6) lowers it by the hidden activations it
     does not store, less the blocks' activations it recomputes at a time (a few MiB per worker thread)."""
-    if not (sys.platform.startswith("linux") and allocator_name().startswith(GLIBC)):
+    if not can_measure_resident_growth():
         pytest.skip("peak memory on a CPU is measured under glibc's malloc on Linux")
     tokens, top_k, expert_hidden = 8192, 2, 1024
     command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--experts", "8", "--top-k", str(top_k)]

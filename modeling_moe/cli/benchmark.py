@@ -50,7 +50,7 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, worker_thread_count
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
-from .cpu_malloc import allocator_name, malloc_for_measuring, peak_resident_growth
+from .cpu_malloc import allocator_name, can_measure_resident_growth, malloc_for_measuring, peak_resident_growth
 from .flop_count import training_step_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,6 +162,10 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _mib(nbytes: int | None) -> str:
+    return _fmt(None if nbytes is None else nbytes / 2**20, ".0f")
+
+
 def layer_and_dense(
     args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[MoEConfig, _MoELayer, _DenseFFN, torch.Tensor, Callable[[], None]]:
@@ -230,21 +234,32 @@ def _cpu_layer_peaks(
         args, num_experts, top_k, num_tokens, torch.device("cpu"), dtype
     )
     variants = _layer_variants(args, num_experts, layer, dense)
-    # One call each on a few tokens first, so that kernels' and libraries' one-time buffers are not counted.
     few_tokens = x[:8].detach().requires_grad_()
-    for variant in variants.values():
-        _forward_backward(config, variant, few_tokens)()
+    return _resident_peaks(
+        {name: _forward_backward(config, variant, x) for name, variant in variants.items()},
+        [_forward_backward(config, variant, few_tokens) for variant in variants.values()],
+        drop_grads,
+    )
+
+
+def _resident_peaks(
+    steps: dict[str, Callable[[], None]], warm_ups: list[Callable[[], None]], reset: Callable[[], None]
+) -> dict[str, int | None]:
+    """`peak_resident_growth` of each step after `reset`, once every warm-up (the steps on a few tokens) has run, so
+    that kernels' and libraries' one-time buffers are not counted."""
+    for warm_up in warm_ups:
+        warm_up()
     peaks = {}
-    for name, variant in variants.items():
-        drop_grads()
-        peaks[name] = peak_resident_growth(_forward_backward(config, variant, x))
+    for name, step in steps.items():
+        reset()
+        peaks[name] = peak_resident_growth(step)
     return peaks
 
 
 def _in_a_memory_process(measure: Callable[..., dict[str, int | None]], *args: object) -> dict[str, int | None]:
     """`measure(*args)` in a new process set for measuring memory (a module-level function: it is pickled by name);
     empty where this machine's memory cannot be measured (not Linux, or not glibc's malloc)."""
-    if peak_resident_growth(lambda: None) is None:
+    if not can_measure_resident_growth():
         return {}
     context = multiprocessing.get_context("spawn")
     with context.Pool(1, initializer=_start_memory_process, initargs=(torch.get_num_threads(),)) as pool:
@@ -322,7 +337,7 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
             row["recompute_memory"][1],
             mem.get("grouped_mm", (None, None))[1],
         )
-        peak = "-" if peaks[0] is None else " / ".join(_fmt(p and p / mib, ".0f") for p in peaks)
+        peak = "-" if peaks[0] is None else " / ".join(_mib(p) for p in peaks)
         lines.append(
             f"| {row['experts']} | {row['k']} | {row['tokens']} | {row['fused_tokens_per_s']:.0f} "
             f"| {row['dense_tokens_per_s']:.0f} | {fused / dense:.2f} "
@@ -487,14 +502,16 @@ def _cpu_model_peaks(
     layer."""
     ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, torch.device("cpu"), dtype)
     variants = _model_variants(ours, olmoe)
-    for model, implementation in variants.values():  # one-time buffers first, on a few tokens
-        _train_step(model, implementation, ids[:1, :8])()
-    peaks = {}
-    for name, (model, implementation) in variants.items():
+
+    def drop_grads() -> None:
         ours.zero_grad(set_to_none=True)
         olmoe.zero_grad(set_to_none=True)
-        peaks[name] = peak_resident_growth(_train_step(model, implementation, ids))
-    return peaks
+
+    return _resident_peaks(
+        {name: _train_step(model, implementation, ids) for name, (model, implementation) in variants.items()},
+        [_train_step(model, implementation, ids[:1, :8]) for model, implementation in variants.values()],
+        drop_grads,
+    )
 
 
 def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -580,7 +597,7 @@ def _model_table(rows: list[dict], header: bool = True) -> str:
             f"| {row['model']} | {row['experts']} | {row['k']} | {row['train_tokens_per_s']:.0f} "
             f"| {row['train_vs_olmoe']:.2f} | {row['train_gflop_per_step']:.4g} | {row['train_gflops']:.1f} "
             f"| {row['one_mm_gflops']:.1f} | {row['train_share_of_mm']:.2f} "
-            f"| {_fmt(row['train_peak_bytes_added'] and row['train_peak_bytes_added'] / 2**20, '.0f')} "
+            f"| {_mib(row['train_peak_bytes_added'])} "
             f"| {row['generate_tokens_per_s']:.1f} | {row['generate_vs_olmoe']:.2f} |"
         )
     return "\n".join(lines)

@@ -53,6 +53,11 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _glibc_malloc() -> ctypes.CDLL | None:
+    """glibc, where its `malloc` serves this process (not a preloaded tcmalloc or jemalloc); else None."""
+    return _glibc() if allocator_name().startswith(GLIBC) else None
+
+
 def reuse_freed_memory() -> str:
     """Make glibc's `malloc` serve every allocation from its heap (no `mmap`) and never give freed memory back to the
     system, so that a training step reuses the pages of the previous one. The process keeps its peak memory, as
@@ -81,8 +86,8 @@ def malloc_for_measuring() -> bool:
     main arena, all of whose free memory `malloc_trim` hands back (it trims the tops of other threads' arenas only
     as they free). Slower: for a process that measures memory, before it starts threads. False where glibc is not
     the allocator."""
-    libc = _glibc()
-    if libc is None or not allocator_name().startswith(GLIBC):
+    libc = _glibc_malloc()
+    if libc is None:
         return False
     mallopt = libc.mallopt
     return all(
@@ -99,6 +104,12 @@ def _status_bytes(field: str) -> int:
     raise OSError(f"/proc/self/status has no {field} field")
 
 
+def can_measure_resident_growth() -> bool:
+    """Whether `peak_resident_growth` can measure here: glibc's `malloc` and a kernel whose high-water mark a process
+    can reset (Linux `/proc/self/clear_refs`)."""
+    return _glibc_malloc() is not None and os.access("/proc/self/clear_refs", os.W_OK)
+
+
 def peak_resident_growth(fn: Callable[[], object]) -> int | None:
     """Bytes by which the process's resident set peaks above its size before `fn()`, or None where it cannot be told
     (not Linux, or an allocator other than glibc's, which keeps freed memory resident that `malloc_trim` cannot hand
@@ -111,8 +122,8 @@ def peak_resident_growth(fn: Callable[[], object]) -> int | None:
     growth also counts freed memory that malloc did not reuse, and misses what threads other than the main one kept
     at the top of their malloc arenas from earlier calls (glibc trims that only as it frees) and `fn` reuses.
     """
-    libc = _glibc()
-    if libc is None or not allocator_name().startswith(GLIBC):
+    libc = _glibc_malloc()
+    if libc is None or not can_measure_resident_growth():
         return None
     gc.collect()
     libc.malloc_trim(0)
