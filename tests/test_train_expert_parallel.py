@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_moe import MoEForCausalLM
+from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.cli import train as moe_train
 from modeling_moe.training.data import default_corpus, tokenize_and_pack
 
@@ -203,6 +203,10 @@ def test_fine_tuning_loads_a_single_process_checkpoint_into_two_ranks(runs, tmp_
 def test_expert_parallel_bad_input_fails_early(tmp_path, extra, match):
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
+    source = ["--config", str(config)]
+    if "--lora" in extra:  # LoRA fine-tunes a saved model (its config is all the early checks read)
+        MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
+        source = ["--model_name_or_path", str(tmp_path / "saved")]
     with pytest.raises(ValueError, match=match):
-        moe_train.run(["--config", str(config), *cli_args(tmp_path / "out", 2), *extra])
+        moe_train.run([*source, *cli_args(tmp_path / "out", 2), *extra])
     assert not (tmp_path / "out").exists()  # rejected before anything was written

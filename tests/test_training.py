@@ -179,6 +179,7 @@ def test_model_card_carries_run_numbers(scratch_run):
     assert data["moe"]["total_parameters"] == metrics["total_parameters"]
     assert data["moe"]["active_parameters"] == metrics["active_parameters"]
     assert f"{metrics['total_parameters']:,}" in card.text and "**2 of 4**" in card.text
+    assert "(6 steps)" in card.text  # the steps trained (max_steps=6)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "modeling_moe.py", "configuration_moe.py"):
         assert (hub / name).is_file(), name
     # The template shipped in the package is the repository's top-level hub_card.md.
@@ -248,7 +249,7 @@ def test_lora_with_merge(scratch_run, workdir):
     out, _ = scratch_run
     lora_dir = workdir / "lora"
     args = ["--model_name_or_path", str(out), "--train_file", str(workdir / "train.txt"), "--lora", "--merge"]
-    moe_train.run([*args, "--lora_r", "4", *common_args(lora_dir, max_steps=3, learning_rate=0.05)])
+    result = moe_train.run([*args, "--lora_r", "4", *common_args(lora_dir, max_steps=3, learning_rate=0.05)])
     assert (lora_dir / "adapter_config.json").is_file() and not (lora_dir / "config.json").exists()
     adapter_config = json.load(open(lora_dir / "adapter_config.json"))
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -256,6 +257,8 @@ def test_lora_with_merge(scratch_run, workdir):
 
     merged = MoEForCausalLM.from_pretrained(lora_dir / "merged").eval()
     assert type(merged) is MoEForCausalLM
+    # The reported (and carded) size is the merged model's, not the base plus the adapters' tensors.
+    assert result["metrics"]["total_parameters"] == sum(p.numel() for p in merged.parameters())
     base = MoEForCausalLM.from_pretrained(out).eval()
     layer = "model.layers.0.mlp.experts.up_proj"
     assert not torch.allclose(merged.state_dict()[layer], base.state_dict()[layer])  # experts were adapted
@@ -268,6 +271,7 @@ def test_lora_with_merge(scratch_run, workdir):
 
 def test_resume_gives_identical_losses(workdir):
     data = ["--train_file", str(workdir / "train.txt"), "--config", str(workdir / "tiny.json"), "--skip_eval"]
+    data += ["--config_overrides", "vocab_size=300"]  # also sizes the BPE trained from scratch
     settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "sample_max_new_tokens": 0}
     full = moe_train.run([*data, *common_args(workdir / "full", **settings)])
     resumed_dir = workdir / "resumed"
@@ -282,6 +286,11 @@ def test_resume_gives_identical_losses(workdir):
 
     assert [s for s, _, _ in losses(resumed, 3)] == [3, 4]
     assert losses(resumed, 3) == losses(full, 3)
+    # The expert-load history (and heatmap) continues from the checkpoint instead of starting over.
+    history = [json.load(open(d / "expert_load_history.json")) for d in (workdir / "full", resumed_dir)]
+    assert [entry["step"] for entry in history[1]] == [entry["step"] for entry in history[0]] == [1, 2, 3, 4]
+    assert history[1][:2] == history[0][:2]
+    assert json.load(open(workdir / "full" / "config.json"))["vocab_size"] == 300
 
 
 def test_failed_save_leaves_no_loadable_model(workdir, monkeypatch):
@@ -310,6 +319,7 @@ def test_failed_save_leaves_no_loadable_model(workdir, monkeypatch):
         ("empty", ValueError, "is empty"),
         ("unknown_field", ValueError, "num_expertz"),
         ("no_text_column", ValueError, "no 'text' column"),
+        ("text_not_strings", TypeError, "The text column 'text' holds int64 values, not strings"),
         ("unwritable", PermissionError, "output_dir"),
     ],
 )
@@ -328,12 +338,108 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
     elif case == "no_text_column":
         train_file = tmp_path / "rows.jsonl"
         train_file.write_text("\n".join(json.dumps({"id": i, "score": i / 2}) for i in range(20)))
+    elif case == "text_not_strings":
+        train_file = tmp_path / "numbers.jsonl"
+        train_file.write_text("\n".join(json.dumps({"text": i}) for i in range(20)))
     elif case == "unwritable":
         blocker = tmp_path / "a_file"
         blocker.write_text("x")
         out = blocker / "out"
     with pytest.raises(error, match=match):
         moe_train.run(["--config", str(config), "--train_file", str(train_file), *common_args(out)])
+
+
+@pytest.mark.parametrize(
+    "extra, error, match",
+    [
+        ([], ValueError, "Pass exactly one of `--config`"),
+        (["--config", "{config}", "--lora"], ValueError, "`--lora` fine-tunes adapters on a trained model"),
+        (["--config", "{config}", "--config_overrides", "num_experts_per_tok=9"], ValueError, "num_experts_per_tok"),
+        (["--config", "{bad_field}"], ValueError, "num_expertz"),
+        (["--config", "{bad_yaml}"], ValueError, "is not valid YAML"),
+        (["--config", "{config}", "--experts_implementation", "bogus"], ValueError, "got 'bogus'"),
+        (["--config", "{config}", "--streaming", "--max_steps", "-1"], ValueError, "needs `--max_steps`"),
+        (["--config", "{config}", "--block_size", "0"], ValueError, "`block_size` must be at least 2"),
+        (["--config", "{config}", "--block_size", "128"], ValueError, "larger than the config's max_position"),
+        (["--config", "{config}", "--max_train_samples", "0"], ValueError, "`max_train_samples` must be at least 1"),
+        (["--config", "{config}", "--resume_from_checkpoint", "{tmp}"], FileNotFoundError, "not a checkpoint folder"),
+        (["--config", "{config}", "--dry_run", "--hub_export_dir", "{out}"], ValueError, "would replace"),
+        (
+            ["--config", "{config}", "--dry_run", "--hub_export_dir", "{other}"],
+            FileExistsError,
+            "not an earlier export",
+        ),
+    ],
+)
+def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monkeypatch, extra, error, match):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded before the bad argument was reported")
+
+    monkeypatch.setattr(moe_train, "load_raw_datasets", no_data)
+    (tmp_path / "bad.json").write_text(json.dumps({**TINY, "num_expertz": 8}))
+    (tmp_path / "bad.yaml").write_text("hidden_size: [32\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    paths = {
+        "config": workdir / "tiny.json",
+        "bad_field": tmp_path / "bad.json",
+        "bad_yaml": tmp_path / "bad.yaml",
+        "tmp": tmp_path,
+        "out": tmp_path / "out",
+        "other": tmp_path / "other",
+    }
+    argv = [arg.format(**paths) for arg in extra]
+    with pytest.raises(error, match=match):
+        moe_train.run([*common_args(tmp_path / "out"), *argv])
+
+
+def test_push_to_hub_creates_the_repo_before_training(workdir, tmp_path, monkeypatch):
+    # As Trainer does at init: a missing token or network fails before any data is loaded or step trained.
+    created = []
+
+    def create_hub_repo(repo_id, token=None, private=None):
+        created.append(repo_id)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(moe_train, "create_hub_repo", create_hub_repo)
+    monkeypatch.setattr(moe_train, "load_raw_datasets", lambda *a, **k: pytest.fail("data loaded before the repo"))
+    argv = ["--config", str(workdir / "tiny.json"), "--push_to_hub", "--hub_model_id", "me/tiny-moe"]
+    with pytest.raises(ConnectionError, match="no network"):
+        moe_train.run([*common_args(tmp_path / "out"), *argv])
+    assert created == ["me/tiny-moe"]
+
+
+def test_push_never_replaces_other_files(scratch_run, tmp_path):
+    out, _ = scratch_run
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        moe_push.run(["--model_path", str(out), "--dry_run", "--output_dir", str(folder)])
+    assert (folder / "notes.txt").read_text() == "mine"
+    for target in (out, out.parent):  # the model folder itself, or a folder holding it
+        with pytest.raises(ValueError, match="would replace"):
+            moe_push.run(["--model_path", str(out), "--dry_run", "--output_dir", str(target)])
+    assert (out / "config.json").is_file()
+    export = tmp_path / "export"
+    for _ in range(2):  # an earlier export is replaced
+        moe_push.run(["--model_path", str(out), "--dry_run", "--output_dir", str(export)])
+    assert (export / "README.md").is_file() and (export / "config.json").is_file()
+
+
+def test_eval_bad_input_errors(scratch_run, tmp_path, monkeypatch):
+    out, _ = scratch_run
+    monkeypatch.setattr(moe_eval, "load_raw_datasets", lambda *a, **k: pytest.fail("data loaded first"))
+    with pytest.raises(ValueError, match="`block_size` \\(128\\) is larger than the model's max_position_embeddings"):
+        moe_eval.run(["--model_name_or_path", str(out), "--block_size", "128"])  # the tiny model: 64 positions
+    with pytest.raises(ValueError, match="`max_eval_samples` must be at least 1"):
+        moe_eval.run(["--model_name_or_path", str(out), "--max_eval_samples", "0"])
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(out / name, no_tokenizer / name)
+    with pytest.raises(FileNotFoundError, match=f"'{no_tokenizer}' holds no tokenizer"):
+        moe_eval.run(["--model_name_or_path", str(no_tokenizer)])
 
 
 def test_push_dry_run_writes_upload_folder(scratch_run, tmp_path):

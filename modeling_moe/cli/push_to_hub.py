@@ -15,11 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 from ..training.callbacks import unwrap_moe_model
+from ..training.data import load_tokenizer
 from ..training.evaluation import parameter_counts
-from ..training.hub import render_model_card, upload_hub_folder, write_hub_folder
+from ..training.hub import check_hub_folder, render_model_card, upload_hub_folder, write_hub_folder
 from .evaluate import EvalArguments, load_model
 
 METRICS_FILES = ("all_results.json", "eval_results.json")
@@ -66,11 +67,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if not os.path.isdir(args.model_path):
         raise FileNotFoundError(f"`model_path` {args.model_path!r} is not a folder.")
+    folder = args.output_dir or os.path.join(args.model_path, "hub_export")
+    check_hub_folder(folder, keep=args.model_path)
     model = load_model(EvalArguments(model_name_or_path=args.model_path, trust_remote_code=args.trust_remote_code))
     if hasattr(model, "merge_and_unload"):  # LoRA adapters: publish the merged model
         model = model.merge_and_unload()
     model = unwrap_moe_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    tokenizer = load_tokenizer(args.model_path)
     metrics = read_metrics(args)
     counts = parameter_counts(model)
     repo_id = args.repo_id or os.path.basename(os.path.abspath(args.model_path))
@@ -82,7 +85,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dataset_ids=args.dataset_name,
         dataset_description=args.dataset_description,
     )
-    folder = args.output_dir or os.path.join(args.model_path, "hub_export")
     write_hub_folder(model, tokenizer, card, folder, extra_files_from=args.model_path)
     result: dict[str, Any] = {"folder": folder, "repo_id": repo_id}
     if args.dry_run:

@@ -32,10 +32,13 @@ from transformers import (
     AutoTokenizer,
     HfArgumentParser,
     Trainer,
+    TrainerState,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_moe import MoEConfig
@@ -53,6 +56,7 @@ from ..training.arguments import (
     ModelArguments,
     RunArguments,
     check_config_fields,
+    check_output_dir,
     load_config_file,
     parse_overrides,
 )
@@ -61,6 +65,7 @@ from ..training.data import (
     DEFAULT_CORPUS_NAME,
     iter_texts,
     load_raw_datasets,
+    load_tokenizer,
     resolve_text_column,
     tokenize_and_pack,
     train_bpe_tokenizer,
@@ -71,7 +76,13 @@ from ..training.evaluation import (
     parameter_counts,
     summary_rows,
 )
-from ..training.hub import render_model_card, upload_hub_folder, write_hub_folder
+from ..training.hub import (
+    check_hub_folder,
+    create_hub_repo,
+    render_model_card,
+    upload_hub_folder,
+    write_hub_folder,
+)
 from .cpu_malloc import reuse_freed_memory
 
 logger = logging.getLogger("modeling_moe.train")
@@ -82,16 +93,6 @@ _MARKER_FILES = ("config.json", "adapter_config.json")
 # folder the gathered final model is written to (fixed names: every rank must agree on them without talking).
 _EP_INIT_DIR = ".ep-init"
 _EP_STAGING_DIR = ".tmp-save-ep"
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Fail early, naming the folder, when `output_dir` cannot be created or written to."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise PermissionError(f"`output_dir` {output_dir!r} is not writable: {error}") from error
 
 
 def save_atomically(save: Any, output_dir: str) -> None:
@@ -148,18 +149,61 @@ def save_expert_parallel(trainer: Trainer, tokenizer, output_dir: str) -> None:
     dist.barrier()
 
 
-def _num_experts(model_args: ModelArguments) -> int:
+def _num_experts(model_args: ModelArguments, config_fields: dict[str, Any] | None) -> int:
     """`num_experts` of the model to be trained, read before anything is built (for early `--expert_parallel` checks)."""
-    if model_args.config is not None:
-        fields = load_config_file(model_args.config)
-        fields.update(parse_overrides(model_args.config_overrides))
-        return fields.get("num_experts", MoEConfig().num_experts)
-    if model_args.model_name_or_path is None:
-        raise ValueError("Pass exactly one of `--config` (train from scratch) or `--model_name_or_path` (fine-tune).")
+    if config_fields is not None:
+        return MoEConfig(**config_fields).num_experts
     return MoEConfig.from_pretrained(model_args.model_name_or_path).num_experts
 
 
-def setup_expert_parallel(model_args: ModelArguments, run_args: RunArguments, training_args: TrainingArguments) -> int:
+def check_arguments(
+    model_args: ModelArguments, data_args: DataArguments, run_args: RunArguments, training_args: TrainingArguments
+) -> dict[str, Any] | None:
+    """Every check that needs no data, tokenizer or model, made before any of them is loaded: returns the config fields
+    of a model trained from scratch (file + overrides, validated by building a `MoEConfig`), else None."""
+    if (model_args.config is None) == (model_args.model_name_or_path is None):
+        raise ValueError("Pass exactly one of `--config` (train from scratch) or `--model_name_or_path` (fine-tune).")
+    if run_args.merge and not run_args.lora:
+        raise ValueError("`--merge` merges LoRA adapters: pass it together with `--lora`.")
+    if run_args.lora and model_args.model_name_or_path is None:
+        raise ValueError(
+            "`--lora` fine-tunes adapters on a trained model: pass `--model_name_or_path` (with `--config` the base "
+            "model would be random and never saved)."
+        )
+    if model_args.config_overrides and model_args.config is None:
+        raise ValueError("`config_overrides` only applies when training from scratch with `--config`.")
+    implementation = model_args.experts_implementation
+    valid_implementations = ["eager", *ALL_EXPERTS_FUNCTIONS.valid_keys()]
+    if implementation is not None and implementation not in valid_implementations:
+        raise ValueError(f"`experts_implementation` must be one of {valid_implementations}, got {implementation!r}.")
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
+    for name in ("block_size", "max_train_samples", "max_eval_samples"):
+        value, least = getattr(data_args, name), 2 if name == "block_size" else 1
+        if value is not None and value < least:
+            raise ValueError(f"`{name}` must be at least {least} (or not set), got {value}.")
+    fields = None
+    if model_args.config is not None:
+        source = f"config file {model_args.config!r}"
+        fields = check_config_fields(load_config_file(model_args.config), MoEConfig, source)
+        fields.update(
+            check_config_fields(parse_overrides(model_args.config_overrides), MoEConfig, "`config_overrides`")
+        )
+        config = MoEConfig(**fields)  # bad values fail here, naming the field
+        if data_args.block_size is not None and data_args.block_size > config.max_position_embeddings:
+            raise ValueError(
+                f"`block_size` ({data_args.block_size}) is larger than the config's max_position_embeddings "
+                f"({config.max_position_embeddings})."
+            )
+    return fields
+
+
+def setup_expert_parallel(
+    model_args: ModelArguments,
+    run_args: RunArguments,
+    training_args: TrainingArguments,
+    config_fields: dict[str, Any] | None = None,
+) -> int:
     """Check `--expert_parallel N`, join the process group (bounded timeout) and set the Trainer arguments it needs.
 
     Returns `N`. Fails early, naming the option, for what an expert-parallel run does not support: LoRA (PEFT on an
@@ -184,7 +228,7 @@ def setup_expert_parallel(model_args: ModelArguments, run_args: RunArguments, tr
             f"`--expert_parallel {size}` does not support {' and '.join(unsupported)}: train without expert "
             "parallelism for LoRA, and start from a saved model (`--model_name_or_path`) instead of resuming."
         )
-    validate_expert_parallel_size(size, _num_experts(model_args))
+    validate_expert_parallel_size(size, _num_experts(model_args, config_fields))
     # Keep a `ddp_timeout` the user chose; replace only TrainingArguments' default (30 min) by the bounded one.
     default_timeout = TrainingArguments.__dataclass_fields__["ddp_timeout"].default
     if training_args.ddp_timeout == default_timeout:
@@ -205,8 +249,10 @@ def _resolve_resume(training_args: TrainingArguments) -> str | None:
         if last is None:
             raise ValueError(f"`resume_from_checkpoint`: no checkpoint found in {training_args.output_dir!r}.")
         return last
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder.")
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
+        raise FileNotFoundError(
+            f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME} in it)."
+        )
     return resume
 
 
@@ -214,11 +260,11 @@ def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, t
     """The tokenizer: named, from the checkpoint being resumed, the fine-tuned model's, or a BPE trained on the data."""
     hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.tokenizer_name is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name, **hub_kwargs)
+        tokenizer = load_tokenizer(model_args.tokenizer_name, **hub_kwargs)
     elif resume is not None and os.path.isfile(os.path.join(resume, "tokenizer.json")):
         tokenizer = AutoTokenizer.from_pretrained(resume)
     elif model_args.model_name_or_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, **hub_kwargs)
     else:
         vocab_size = model_args.tokenizer_vocab_size or target_vocab
         logger.info("Training a byte-level BPE tokenizer (vocab %d) on the training text", vocab_size)
@@ -230,40 +276,37 @@ def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, t
 
 
 def build_model(
-    model_args: ModelArguments, tokenizer, expert_parallel: int = 1, init_dir: str | None = None
+    model_args: ModelArguments,
+    tokenizer,
+    expert_parallel: int = 1,
+    init_dir: str | None = None,
+    config_fields: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """A fresh `MoEForCausalLM` from `--config` (+ overrides), or the model of `--model_name_or_path`.
+    """A fresh `MoEForCausalLM` from `config_fields` (`check_arguments`: `--config` + overrides), or else the model of
+    `--model_name_or_path`.
 
     With `expert_parallel > 1` (every rank calls it) the experts are sharded over the ranks at load time; from scratch,
     rank 0 initializes the model and writes it to `init_dir`, which every rank then loads.
     """
-    if (model_args.config is None) == (model_args.model_name_or_path is None):
-        raise ValueError("Pass exactly one of `--config` (train from scratch) or `--model_name_or_path` (fine-tune).")
     extra = {}
     if model_args.experts_implementation is not None:
         extra["experts_implementation"] = model_args.experts_implementation
-    if model_args.config is not None:
-        fields = check_config_fields(
-            load_config_file(model_args.config), MoEConfig, f"config file {model_args.config!r}"
+    if config_fields is not None:
+        config = MoEConfig(
+            **{
+                **config_fields,
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
         )
-        fields.update(
-            check_config_fields(parse_overrides(model_args.config_overrides), MoEConfig, "`config_overrides`")
-        )
-        fields.update(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        config = MoEConfig(**fields)
         if expert_parallel > 1:
             return from_config_expert_parallel(config, expert_parallel, init_dir, **extra)
         model = MoEForCausalLM(config)
         if extra:
             model.set_experts_implementation(extra["experts_implementation"])
         return model
-    if model_args.config_overrides:
-        raise ValueError("`config_overrides` only applies when training from scratch with `--config`.")
     if expert_parallel > 1:
         model = from_pretrained_expert_parallel(
             model_args.model_name_or_path,
@@ -361,12 +404,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
 
+    config_fields = check_arguments(model_args, data_args, run_args, training_args)
     push = training_args.push_to_hub
-    # The Trainer would create the repo at init and push every checkpoint; this CLI pushes the final folder itself.
+    # The Trainer would create the repo at init and push every checkpoint; this CLI pushes the final folder itself
+    # (and creates the repo below, before anything is trained, as the Trainer would).
     training_args.push_to_hub = False
-    if run_args.merge and not run_args.lora:
-        raise ValueError("`--merge` merges LoRA adapters: pass it together with `--lora`.")
-    expert_parallel = setup_expert_parallel(model_args, run_args, training_args)
+    hub_dir = run_args.hub_export_dir or os.path.join(training_args.output_dir, "hub_export")
+    if push or run_args.dry_run:
+        check_hub_folder(hub_dir, keep=training_args.output_dir)
+    expert_parallel = setup_expert_parallel(model_args, run_args, training_args, config_fields)
     cpu_malloc = None
     if run_args.reuse_freed_memory and training_args.device.type == "cpu":
         cpu_malloc = reuse_freed_memory()
@@ -374,6 +420,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     check_output_dir(training_args.output_dir)
     resume = _resolve_resume(training_args)
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    if push and not run_args.dry_run and training_args.should_save:
+        create_hub_repo(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
     set_seed(training_args.seed)
 
     # Data, then the tokenizer (the BPE is trained on the training text), then the model.
@@ -389,9 +438,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     text_column = resolve_text_column(raw["train"], data_args.text_column_name)
     resolve_text_column(raw["validation"], text_column)
-    target_vocab = 8192
-    if model_args.config is not None:
-        target_vocab = int(load_config_file(model_args.config).get("vocab_size", target_vocab))
+    target_vocab = int(config_fields.get("vocab_size", 8192)) if config_fields is not None else 8192
     init_dir = os.path.join(training_args.output_dir, _EP_INIT_DIR)
     if expert_parallel > 1:
         # Every rank must use the same tokenizer (and so the same vocab_size): rank 0 builds (or trains) it and writes
@@ -403,7 +450,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(init_dir)
     else:
         tokenizer = build_tokenizer(model_args, resume, raw["train"], text_column, target_vocab)
-    model = build_model(model_args, tokenizer, expert_parallel, init_dir)
+    model = build_model(model_args, tokenizer, expert_parallel, init_dir, config_fields)
     if expert_parallel > 1:
         dist.barrier()  # every rank has loaded its shard from `init_dir`
         if is_main:
@@ -416,7 +463,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             json.dumps(shapes),
         )
     config = model.config
-    block_size = data_args.block_size or min(128, config.max_position_embeddings)
+    block_size = data_args.block_size if data_args.block_size is not None else min(128, config.max_position_embeddings)
     if block_size > config.max_position_embeddings:
         raise ValueError(
             f"`block_size` ({block_size}) is larger than the model's max_position_embeddings "
@@ -440,8 +487,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             if data_args.streaming
             else eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
         )
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
 
     trainer, balance = build_trainer(
         model,
@@ -452,6 +497,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=default_data_collator,
     )
 
+    if resume is not None:
+        balance.load_history(resume)  # the expert-load history saved with that checkpoint
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, Any] = dict(train_result.metrics)
     base_model = unwrap_moe_model(trainer.model)
@@ -464,27 +511,28 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         dist.broadcast_object_list(counts, src=0)
         counts = counts[0]
     else:
-        counts = parameter_counts(base_model)
+        counts = parameter_counts(base_model)  # under LoRA: with the adapters; recounted below once merged
         # Final model (or LoRA adapters) + tokenizer, moved into output_dir only once fully written.
         save_atomically(lambda d: (trainer.save_model(d), tokenizer.save_pretrained(d)), training_args.output_dir)
-    metrics.update(counts)
     trainer.log_metrics("train", train_result.metrics)
 
     if not run_args.skip_eval:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("all", metrics)
-    trainer.save_state()
 
     export_model = base_model
     paths = {"output_dir": training_args.output_dir}
     if run_args.lora and (run_args.merge or push or run_args.dry_run):
         export_model = trainer.model.merge_and_unload()
+        counts = parameter_counts(export_model)  # the published model's, without the adapters' tensors
         if run_args.merge:
             merged_dir = os.path.join(training_args.output_dir, "merged")
             save_atomically(lambda d: (export_model.save_pretrained(d), tokenizer.save_pretrained(d)), merged_dir)
             paths["merged_dir"] = merged_dir
+    metrics.update(counts)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
 
     sample = None
     # Under expert parallelism only rank 0 samples, from its single-process copy (a sharded forward is a collective).
@@ -494,7 +542,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     if training_args.should_save and (push or run_args.dry_run):
-        repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
         dataset_ids, description = dataset_description(data_args)
         card = render_model_card(
             export_model.config,
@@ -503,9 +550,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             repo_id=repo_id,
             dataset_ids=dataset_ids,
             dataset_description=description,
-            training_description=_training_description(training_args, metrics, block_size, run_args),
+            training_description=_training_description(training_args, trainer.state, metrics, block_size, run_args),
         )
-        hub_dir = run_args.hub_export_dir or os.path.join(training_args.output_dir, "hub_export")
         write_hub_folder(export_model, tokenizer, card, hub_dir, extra_files_from=training_args.output_dir)
         paths["hub_dir"] = hub_dir
         if push and not run_args.dry_run:
@@ -532,12 +578,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
 
-def _training_description(training_args: TrainingArguments, metrics: dict[str, Any], block_size: int, run_args) -> str:
-    steps = metrics.get("train_steps") or training_args.max_steps
+def _training_description(
+    training_args: TrainingArguments, state: TrainerState, metrics: dict[str, Any], block_size: int, run_args
+) -> str:
     tokens = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * block_size
     parts = [
         f"Trained with the Transformers `Trainer` for {metrics.get('epoch', float('nan')):.2f} epochs",
-        f"(max_steps={steps}), learning rate {training_args.learning_rate}, "
+        f"({state.global_step} steps), learning rate {training_args.learning_rate}, "
         f"{tokens} tokens per step per device (blocks of {block_size}), seed {training_args.seed}.",
     ]
     if run_args.lora:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,7 +129,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     if path.endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"`config` file {path!r} is not valid YAML: {error}") from error
     else:
         try:
             data = json.loads(text)
@@ -181,3 +185,13 @@ def check_config_fields(fields: dict[str, Any], config_class, source: str) -> di
     if unknown:
         raise ValueError(f"{source} has unknown config field(s) {unknown} for {config_class.__name__}.")
     return fields
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail early, naming the folder, when `output_dir` cannot be created or written to."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"`output_dir` {output_dir!r} is not writable: {error}") from error

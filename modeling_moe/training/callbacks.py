@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..expert_statistics import ExpertStatistics
 
@@ -109,12 +110,33 @@ class ExpertBalanceCallback(TrainerCallback):
             self._model.pop_expert_statistics()
         return summary, tokens
 
+    # -- resuming --------------------------------------------------------------------------------------------------
+    def load_history(self, checkpoint_dir: str, up_to_step: int | None = None) -> None:
+        """Continue the expert-load history saved in `checkpoint_dir` (by `on_save`), when resuming from it. Called
+        by `on_train_begin` for `output_dir/checkpoint-<step>`; call it first for a checkpoint elsewhere."""
+        path = os.path.join(checkpoint_dir, HISTORY_FILENAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                history = json.load(f)
+            self.history = [entry for entry in history if up_to_step is None or entry["step"] <= up_to_step]
+
     # -- Trainer events --------------------------------------------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if kwargs.get("model") is not None:
             self.attach(kwargs["model"])
         for training in (True, False):  # drop forwards made before training (e.g. a sanity generate)
             self._pop(training)
+        if state.global_step > 0 and not self.history:  # resumed: the history up to the checkpoint
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.load_history(checkpoint, up_to_step=state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # With the checkpoint, so that a run resumed from it continues the history (and the heatmap) instead of
+        # starting over.
+        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and self.history and os.path.isdir(checkpoint):
+            with open(os.path.join(checkpoint, HISTORY_FILENAME), "w") as f:
+                json.dump(self.history, f)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if logs is None or self._model is None:

@@ -121,24 +121,40 @@ def load_raw_datasets(
     return raw
 
 
+_STRING_DTYPES = ("string", "large_string")
+
+
 def resolve_text_column(dataset: Dataset | IterableDataset, text_column_name: str | None) -> str:
-    """The column holding the text: `text_column_name` if given, else `text`, else the only string column."""
+    """The column holding the text: `text_column_name` if given, else `text`, else the only string column. A column
+    that does not hold strings is an error naming it and its type."""
     features = dataset.features
-    columns = list(features) if features is not None else list(next(iter(dataset)).keys())
+    first = None if features is not None else next(iter(dataset))
+    columns = list(features) if features is not None else list(first.keys())
+
+    def type_of(column: str) -> str:
+        if features is not None:
+            return str(getattr(features[column], "dtype", type(features[column]).__name__))
+        return "string" if isinstance(first[column], str) else type(first[column]).__name__
+
     if text_column_name is not None:
         if text_column_name not in columns:
             raise ValueError(
                 f"`text_column_name` {text_column_name!r} is not a column of the dataset (columns: {columns})."
             )
-        return text_column_name
-    if "text" in columns:
-        return "text"
-    string_columns = [c for c in columns if features is not None and getattr(features[c], "dtype", None) == "string"]
-    if len(string_columns) == 1:
-        return string_columns[0]
-    raise ValueError(
-        f"The dataset has no 'text' column (columns: {columns}); pass `--text_column_name` to name the text column."
-    )
+        column = text_column_name
+    elif "text" in columns:
+        column = "text"
+    else:
+        string_columns = [c for c in columns if type_of(c) in _STRING_DTYPES]
+        if len(string_columns) != 1:
+            raise ValueError(
+                f"The dataset has no 'text' column (columns: {columns}); pass `--text_column_name` to name the text "
+                "column."
+            )
+        column = string_columns[0]
+    if type_of(column) not in _STRING_DTYPES:
+        raise TypeError(f"The text column {column!r} holds {type_of(column)} values, not strings.")
+    return column
 
 
 def iter_texts(dataset: Dataset | IterableDataset, column: str, max_chars: int | None = None) -> Iterator[list[str]]:
@@ -158,6 +174,24 @@ def iter_texts(dataset: Dataset | IterableDataset, column: str, max_chars: int |
             break
     if batch:
         yield batch
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(name_or_path: str, **kwargs: Any):
+    """`AutoTokenizer.from_pretrained(name_or_path)`; a local folder without any tokenizer file is an error naming the
+    folder (rather than a backend message about sentencepiece or tiktoken)."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(name_or_path) and not any(
+        os.path.isfile(os.path.join(name_or_path, name)) for name in _TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{name_or_path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}): save the tokenizer with the "
+            "model, or name one with `--tokenizer_name`."
+        )
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
 def train_bpe_tokenizer(texts: Iterator[list[str]], vocab_size: int, model_max_length: int):

@@ -140,6 +140,30 @@ def _triple(metrics: dict[str, Any], layer: int) -> str:
     return " / ".join(f"{v:.3f}" for v in values if v is not None)
 
 
+def check_hub_folder(folder: str, keep: str | None = None) -> None:
+    """Fail early, naming the folder, unless `write_hub_folder` may replace `folder`: it must not be `keep` (the model
+    or run folder the export is made from) or hold it, and if it exists it must be empty or an earlier export (a model
+    card `README.md` and a `config.json`, no subfolder), so that nothing else in it is deleted."""
+    folder = os.path.abspath(folder)
+    if keep is not None and os.path.commonpath([folder, os.path.abspath(keep)]) == folder:
+        raise ValueError(
+            f"The Hub export folder {folder!r} would replace {keep!r}, the folder it is exported from (or one "
+            "holding it): choose another export folder."
+        )
+    if os.path.exists(folder):
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"The Hub export folder {folder!r} exists and is not a folder.")
+        names = os.listdir(folder)
+        earlier_export = {"README.md", "config.json"} <= set(names) and not any(
+            os.path.isdir(os.path.join(folder, name)) for name in names
+        )
+        if names and not earlier_export:
+            raise FileExistsError(
+                f"The Hub export folder {folder!r} exists and is not an earlier export (it holds {sorted(names)[:5]}"
+                f"{'...' if len(names) > 5 else ''}); it would be replaced: choose a new or empty folder."
+            )
+
+
 def write_hub_folder(
     model,
     tokenizer,
@@ -150,8 +174,10 @@ def write_hub_folder(
     """Write exactly what would be uploaded into `folder`: safetensors weights, config with `auto_map`, the modeling
     source files (remote code), tokenizer, `README.md` (the card) and the run's metrics / heatmap.
 
-    Written into a temporary sibling first and renamed into place, so a failure leaves no half-written folder.
+    Written into a temporary sibling first and renamed into place, so a failure leaves no half-written folder. An
+    earlier export in `folder` is replaced; anything else there is an error (`check_hub_folder`).
     """
+    check_hub_folder(folder, keep=extra_files_from)
     folder = os.path.abspath(folder)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -176,15 +202,22 @@ def write_hub_folder(
     return folder
 
 
+def create_hub_repo(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
+    """Create the model repo `repo_id` if it does not exist yet (as `Trainer` does when it starts with `push_to_hub`,
+    so a missing token or network fails before training); returns its URL."""
+    from huggingface_hub import HfApi
+
+    return str(HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+
+
 def upload_hub_folder(
     folder: str, repo_id: str, token: str | None = None, private: bool | None = None, commit_message: str | None = None
 ) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(
+    create_hub_repo(repo_id, token=token, private=private)
+    info = HfApi(token=token).upload_folder(
         repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message or "Upload sparsely-gated MoE model",
