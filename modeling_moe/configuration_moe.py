@@ -98,7 +98,6 @@ class MoEConfig(PreTrainedConfig):
     num_attention_heads: int = 8
     num_key_value_heads: int | None = None
     head_dim: int | None = None
-    hidden_act: str = "silu"
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
@@ -130,11 +129,14 @@ class MoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self._check_values()
+        # A plain ValueError here, before the parent sets up RoPE and the rest from these values; `@strict` runs the
+        # same checks again after `__init__` (cheap) and from `validate()`, e.g. in `save_pretrained`.
+        self.validate_moe_values()
         super().__post_init__(**kwargs)
 
-    def _check_values(self) -> None:
-        """Reject every bad value early, naming the field and the value."""
+    def validate_moe_values(self) -> None:
+        """Part of `@strict` validation (also run by `validate()` and `save_pretrained`, so a value changed after
+        construction is checked before it is saved): reject every bad value, naming the field and the value."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -156,6 +158,12 @@ class MoEConfig(PreTrainedConfig):
             )
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2 != 0):
             raise ValueError(f"`head_dim` must be a positive even integer (RoPE), got {self.head_dim!r}.")
+        if self.head_dim is None and (self.hidden_size // self.num_attention_heads) % 2 != 0:
+            raise ValueError(
+                f"The head size hidden_size // num_attention_heads = {self.hidden_size // self.num_attention_heads} "
+                f"(hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads}) must be even "
+                f"(RoPE rotates pairs of dimensions): change one of them or set an even `head_dim`."
+            )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
@@ -178,12 +186,14 @@ class MoEConfig(PreTrainedConfig):
                 f"got {self.router_statistics_scope!r}."
             )
         self._check_router_values()
-        for name in ("noise_epsilon", "importance_loss_coef", "load_loss_coef", "attention_dropout"):
+        for name in ("noise_epsilon", "importance_loss_coef", "load_loss_coef"):
             value = getattr(self, name)
-            if value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps!r}.")
+            if not 0 <= value < float("inf"):  # also rejects NaN
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if not 0 <= self.attention_dropout <= 1:
+            raise ValueError(f"`attention_dropout` must be a probability in [0, 1], got {self.attention_dropout!r}.")
+        if not 0 < self.rms_norm_eps < float("inf"):
+            raise ValueError(f"`rms_norm_eps` must be a finite number > 0, got {self.rms_norm_eps!r}.")
         if not isinstance(self.expert_recompute_activations, bool):
             raise ValueError(
                 f"`expert_recompute_activations` must be a bool, got {self.expert_recompute_activations!r}."
@@ -219,10 +229,12 @@ class MoEConfig(PreTrainedConfig):
                         f"`{name}` must be 1 unless router_type='hierarchical', got {getattr(self, name)!r} "
                         f"with router_type={self.router_type!r}."
                     )
-        if self.batchwise_loss_coef < 0:
-            raise ValueError(f"`batchwise_loss_coef` must be >= 0, got {self.batchwise_loss_coef!r}.")
-        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
-            raise ValueError(f"`expert_capacity_factor` must be > 0 or None, got {self.expert_capacity_factor!r}.")
+        if not 0 <= self.batchwise_loss_coef < float("inf"):
+            raise ValueError(f"`batchwise_loss_coef` must be a finite number >= 0, got {self.batchwise_loss_coef!r}.")
+        if self.expert_capacity_factor is not None and not 0 < self.expert_capacity_factor < float("inf"):
+            raise ValueError(
+                f"`expert_capacity_factor` must be a finite number > 0 or None, got {self.expert_capacity_factor!r}."
+            )
 
     @property
     def experts_per_token(self) -> int:
@@ -243,8 +255,11 @@ class MoEConfig(PreTrainedConfig):
         if isinstance(spec, bool):
             raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")
         if isinstance(spec, int):
-            if spec < 1:
-                raise ValueError(f"`moe_layers` as an int is the MoE period and must be >= 1, got {spec!r}.")
+            if not 1 <= spec <= num_layers:
+                raise ValueError(
+                    f"`moe_layers` as an int is the MoE period (every N-th layer) and must be between 1 and "
+                    f"num_hidden_layers ({num_layers}), got {spec!r} (an empty list makes a dense model)."
+                )
             return [i for i in range(num_layers) if i % spec == spec - 1]
         if not isinstance(spec, (list, tuple)):
             raise ValueError(f"`moe_layers` must be 'all', a positive int or a list of layer indices, got {spec!r}.")

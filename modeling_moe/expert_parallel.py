@@ -140,6 +140,7 @@ def from_pretrained_expert_parallel(
     config = kwargs.pop("config", None)
     if config is None:
         config = MoEConfig.from_pretrained(pretrained_model_name_or_path)
+    validate_expert_parallel_size(expert_parallel_size, config.num_experts)  # before joining any process group
     if expert_parallel_size == 1:
         return model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
     init_distributed(timeout_s)
@@ -165,10 +166,10 @@ def from_config_expert_parallel(
     `init_dir` (a folder every rank can read: on several machines, a shared file system), then every rank loads it.
     Every rank of the run must call it.
     """
+    validate_expert_parallel_size(expert_parallel_size, config.num_experts)  # before joining any process group
     if expert_parallel_size == 1:
         return model_class(config)
     init_distributed(timeout_s)
-    validate_expert_parallel_size(expert_parallel_size, config.num_experts)
     if dist.get_rank() == 0:
         model_class(config).save_pretrained(init_dir)
     dist.barrier()

@@ -459,18 +459,26 @@ def _check_inputs(
                     f"`input_ids` contains token id {bad}, outside the vocabulary [0, {config.vocab_size}) "
                     f"(vocab_size={config.vocab_size})."
                 )
-        batch_size = input_ids.shape[0]
+        batch_size, sequence_length = input_ids.shape
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
             raise ValueError(
                 f"`inputs_embeds` must have shape (batch_size, sequence_length, {config.hidden_size}), "
                 f"got {tuple(inputs_embeds.shape)}."
             )
-        batch_size = inputs_embeds.shape[0]
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[0] != batch_size:
-        raise ValueError(
-            f"`attention_mask` has batch size {attention_mask.shape[0]} but the inputs have batch size {batch_size}."
-        )
+        batch_size, sequence_length = inputs_embeds.shape[:2]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"`attention_mask` has batch size {attention_mask.shape[0]} but the inputs have batch size "
+                f"{batch_size}."
+            )
+        # A 2-D mask covers the cached tokens and the new ones: at least the new ones.
+        if attention_mask.shape[1] < sequence_length:
+            raise ValueError(
+                f"`attention_mask` has length {attention_mask.shape[1]}, shorter than the {sequence_length} new "
+                f"tokens of the inputs (a 2-D mask covers the cached tokens and the new ones)."
+            )
 
 
 def _sum_router_outputs(router_outputs: list[RouterOutput], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -627,10 +635,15 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
-        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
-            raise ValueError(
-                f"`labels` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(labels.shape)}."
+        if labels is not None and (input_ids is not None or inputs_embeds is not None):
+            inputs_name, inputs_shape = (
+                ("input_ids", input_ids.shape) if input_ids is not None else ("inputs_embeds", inputs_embeds.shape[:2])
             )
+            if labels.shape != inputs_shape:
+                raise ValueError(
+                    f"`labels` must have shape (batch_size, sequence_length) = {tuple(inputs_shape)} of "
+                    f"`{inputs_name}`, got {tuple(labels.shape)}."
+                )
         outputs: MoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

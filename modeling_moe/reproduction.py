@@ -29,6 +29,7 @@ from . import balanced_gating, fast_experts, hierarchical_gating  # noqa: F401
 from .configuration_moe import MoEConfig
 from .gating import cv_squared
 from .modeling_moe import MoEForCausalLM
+from .training.arguments import check_output_dir
 
 # Every VALIDATION_MODULUS-th file by path hash goes to validation (about 10% of the files).
 VALIDATION_MODULUS = 10
@@ -142,6 +143,10 @@ class TrainSettings:
         for name in ("hidden_size", "seq_len", "batch_size", "steps", "eval_batches", "expert_intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
+        if self.seq_len < 2:
+            raise ValueError(
+                f"`seq_len` must be at least 2 (each sequence predicts its next bytes), got {self.seq_len}."
+            )
         if self.learning_rate <= 0:
             raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate!r}.")
 
@@ -489,6 +494,7 @@ def settings_from_args(args, script_defaults: dict | None = None) -> tuple[Train
     values["seed"] = args.seed
     if args.threads < 1:
         raise ValueError(f"`--threads` must be a positive integer, got {args.threads!r}.")
+    check_output_dir(args.output_dir)  # before the models train, not when the results are written
     torch.set_num_threads(args.threads)
     max_bytes = (
         args.max_corpus_bytes if args.max_corpus_bytes is not None else (QUICK_CORPUS_BYTES if args.quick else None)

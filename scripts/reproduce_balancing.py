@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     settings, max_bytes = settings_from_args(args)
-    num_experts = args.num_experts or (QUICK_NUM_EXPERTS if args.quick else DEFAULT_NUM_EXPERTS)
+    num_experts = args.num_experts
+    if num_experts is None:
+        num_experts = QUICK_NUM_EXPERTS if args.quick else DEFAULT_NUM_EXPERTS
     if num_experts <= settings.num_experts_per_tok:
         raise ValueError(
             f"`--num_experts` must exceed k={settings.num_experts_per_tok} for the balance to matter, got {num_experts}."

@@ -127,7 +127,7 @@ def test_evaluation_routes_each_token_by_thresholds_alone():
 
 
 def test_balanced_config_and_initialisation():
-    with pytest.raises(ValueError, match="`batchwise_loss_coef` must be >= 0, got -1.0"):
+    with pytest.raises(ValueError, match="`batchwise_loss_coef` must be a finite number >= 0, got -1.0"):
         tiny_config(router_type="balanced", batchwise_loss_coef=-1.0)
     model = MoEForCausalLM(tiny_config(router_type="balanced"))
     gate = model.model.layers[1].mlp.gate

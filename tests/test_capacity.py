@@ -92,7 +92,9 @@ def test_capacity_formula_and_config_validation():
         == 4
     )
     for bad in (0, -0.5):
-        with pytest.raises(ValueError, match=f"`expert_capacity_factor` must be > 0 or None, got {bad}"):
+        with pytest.raises(
+            ValueError, match=f"`expert_capacity_factor` must be a finite number > 0 or None, got {bad}"
+        ):
             tiny_config(expert_capacity_factor=bad)
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_moe import MoEConfig, MoEForCausalLM
+from modeling_moe import MoEConfig, MoEForCausalLM, expert_parallel
 from modeling_moe.expert_parallel import expert_parallel_config, validate_expert_parallel_size
 from modeling_moe.gating import reduce_router_statistics
 
@@ -212,6 +212,19 @@ def test_expert_parallel_config_validation():
         validate_expert_parallel_size(0, num_experts=4, world_size=2)
     with pytest.raises(ValueError, match="`router_statistics_scope` must be one of .*got 'batch'"):
         MoEConfig(router_statistics_scope="batch")
+
+
+@pytest.mark.parametrize("size", [0, -2, "2"])
+def test_bad_expert_parallel_size_is_named_before_joining_a_process_group(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(
+        expert_parallel, "init_distributed", lambda *a, **k: pytest.fail("joined a process group for a bad size")
+    )
+    config = tiny_config("softmax_top_k")
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"`expert_parallel` must be a positive integer, got {size!r}"):
+        expert_parallel.from_config_expert_parallel(config, size, tmp_path / "init")
+    with pytest.raises(ValueError, match=f"`expert_parallel` must be a positive integer, got {size!r}"):
+        expert_parallel.from_pretrained_expert_parallel(tmp_path, size)
 
 
 def test_fused_experts_backward_when_saved_weights_come_back_in_other_memory():

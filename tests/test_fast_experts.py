@@ -2,6 +2,7 @@
 activation-recomputation option (SPEC §6) and a smoke run of the benchmark script."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 import threading
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
-from modeling_moe.cli.benchmark import BMM_IN_WORKERS, MM_IN_WORKERS
+from modeling_moe.cli.benchmark import BMM_IN_WORKERS, MM_IN_WORKERS, parse_args
 from modeling_moe.cli.cpu_malloc import allocator_name, can_measure_resident_growth
 from modeling_moe.fast_experts import FAST_EXPERTS_IMPLEMENTATION, fused_experts_forward
 from modeling_moe.modeling_moe import MoEExperts, MoEGatedExperts, _experts_eager_forward
@@ -25,6 +26,7 @@ def _experts(activation: str, num_experts: int = 6, hidden: int = 16, intermedia
     config = MoEConfig(
         hidden_size=hidden,
         num_attention_heads=1,
+        head_dim=2,  # only the experts are built: any hidden size, the attention geometry is unused
         num_experts=num_experts,
         num_experts_per_tok=min(2, num_experts),
         expert_intermediate_size=intermediate,
@@ -485,6 +487,27 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--experts", "2", "--top-k", "4"], "no runnable combination of --experts and --top-k"),
+        (["--mode", "gemm", "--experts", "1024", "--top-k", "2", "--tokens", "64"], "no runnable combination"),
+        (["--mode", "model", "--hidden", "36", "--heads", "4"], "into an even head size"),
+        (["--quick", "--experts", "2", "--top-k", "4"], "experts \\[2\\], top-k \\[4\\]"),
+    ],
+)
+def test_benchmark_rejects_sweeps_that_cannot_run(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_benchmark_quick_keeps_the_values_given():
+    args = parse_args(["--quick", "--experts", "64", "--repeats", "9"])
+    assert (args.experts, args.repeats) == ([64], 9)
+    assert (args.top_k, args.hidden, args.tokens) == ([2], 32, [64])  # the rest: quick sizes
 
 
 def test_worker_threads_benchmark_compares_with_one_group(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -62,9 +63,13 @@ def test_all_moe_layers_and_every_nth():
     [
         (dict(num_experts_per_tok=7), "`num_experts_per_tok` must be between 1 and `num_experts` \\(6\\), got 7"),
         (dict(num_experts_per_tok=0), "`num_experts_per_tok` must be between 1 and `num_experts` \\(6\\), got 0"),
-        (dict(importance_loss_coef=-0.1), "`importance_loss_coef` must be >= 0, got -0.1"),
-        (dict(load_loss_coef=-1.0), "`load_loss_coef` must be >= 0, got -1.0"),
+        (dict(importance_loss_coef=-0.1), "`importance_loss_coef` must be a finite number >= 0, got -0.1"),
+        (dict(load_loss_coef=-1.0), "`load_loss_coef` must be a finite number >= 0, got -1.0"),
+        (dict(load_loss_coef=float("nan")), "`load_loss_coef` must be a finite number >= 0, got nan"),
+        (dict(rms_norm_eps=float("nan")), "`rms_norm_eps` must be a finite number > 0, got nan"),
+        (dict(attention_dropout=1.5), "`attention_dropout` must be a probability in \\[0, 1\\], got 1.5"),
         (dict(hidden_size=30), "`hidden_size` \\(30\\) must be divisible by `num_attention_heads` \\(4\\)"),
+        (dict(hidden_size=36), "head size hidden_size // num_attention_heads = 9 .* must be even"),
         (
             dict(num_key_value_heads=3),
             "`num_attention_heads` \\(4\\) must be divisible by `num_key_value_heads` \\(3\\)",
@@ -73,17 +78,36 @@ def test_all_moe_layers_and_every_nth():
         (dict(expert_activation="gelu"), "`expert_activation` must be one of .*, got 'gelu'"),
         (dict(moe_layers=[2]), "`moe_layers` entry 2 is not a layer index in \\[0, 2\\)"),
         (dict(moe_layers=[-1]), "`moe_layers` entry -1 is not a layer index"),
-        (dict(moe_layers=0), "`moe_layers` as an int is the MoE period and must be >= 1, got 0"),
+        (
+            dict(moe_layers=0),
+            "`moe_layers` as an int is the MoE period .* between 1 and num_hidden_layers \\(2\\), got 0",
+        ),
+        (
+            dict(moe_layers=3),
+            "`moe_layers` as an int is the MoE period .* between 1 and num_hidden_layers \\(2\\), got 3",
+        ),
         (dict(moe_layers="some"), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 'some'"),
         (dict(moe_layers=None), "`moe_layers` must be 'all', a positive int or a list of layer indices, got None"),
         (dict(moe_layers=1.5), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 1.5"),
         (dict(num_experts=0), "`num_experts` must be a positive integer, got 0"),
-        (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be >= 0, got -0.001"),
+        (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be a finite number >= 0, got -0.001"),
     ],
 )
 def test_invalid_config_values_raise_value_error_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_values_changed_after_construction_are_checked_before_saving(tmp_path):
+    # As for built-in configs (`@strict`): `validate()` and `save_pretrained` run the same checks as construction,
+    # so a bad value set afterwards is not written into a config.json that would then fail to load.
+    config = tiny_config()
+    config.num_experts_per_tok = 9
+    with pytest.raises(StrictDataclassClassValidationError, match="`num_experts_per_tok` must be between 1"):
+        config.validate()
+    with pytest.raises(StrictDataclassClassValidationError, match="`num_experts_per_tok` must be between 1"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 def test_invalid_inputs_raise_clear_errors():
@@ -100,10 +124,14 @@ def test_invalid_inputs_raise_clear_errors():
         model(inputs_embeds=torch.randn(1, 3, 16))
     with pytest.raises(ValueError, match="exactly one of `input_ids` or `inputs_embeds`"):
         model(input_ids=torch.tensor([[1]]), inputs_embeds=torch.randn(1, 1, 32))
-    with pytest.raises(ValueError, match="`labels` must have the shape of `input_ids` \\(1, 3\\), got \\(1, 2\\)"):
+    with pytest.raises(ValueError, match="`labels` must have shape .* = \\(1, 3\\) of `input_ids`, got \\(1, 2\\)"):
         model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="`labels` must have shape .* = \\(1, 3\\) of `inputs_embeds`, got \\(1, 2\\)"):
+        model(inputs_embeds=torch.randn(1, 3, 32), labels=torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="`attention_mask` has batch size 2 but the inputs have batch size 1"):
         model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="`attention_mask` has length 2, shorter than the 3 new tokens"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 2, dtype=torch.long))
 
 
 def test_loss_includes_balancing_losses_whatever_output_router_logits_says():

@@ -73,6 +73,26 @@ def test_bad_corpus_arguments_raise():
         model_config(TrainSettings(), -1)
 
 
+@pytest.mark.parametrize("script", ["reproduce_balancing", "reproduce_scaling"])
+def test_bad_script_arguments_raise_before_any_training(tmp_path, monkeypatch, script):
+    module = _load_script(script)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model was trained before the bad argument was reported")
+
+    monkeypatch.setattr(module, "train_and_evaluate", no_training)
+    monkeypatch.setattr(module, "load_corpus", no_training)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(PermissionError, match=f"`output_dir` '{not_a_folder}/out' is not writable"):
+        module.main(["--quick", "--output_dir", str(not_a_folder / "out")])
+    with pytest.raises(ValueError, match="`seq_len` must be at least 2 .*, got 1"):
+        module.main(["--quick", "--seq_len", "1", "--output_dir", str(tmp_path)])
+    if script == "reproduce_balancing":  # 0 is a value, not "use the default"
+        with pytest.raises(ValueError, match="`--num_experts` must exceed k=4 .*, got 0"):
+            module.main(["--quick", "--num_experts", "0", "--output_dir", str(tmp_path)])
+
+
 def test_dense_baseline_matches_moe_active_size():
     settings = TrainSettings(hidden_size=32, num_attention_heads=2, expert_intermediate_size=16, seq_len=16)
     dense = MoEForCausalLM(model_config(settings, 0))

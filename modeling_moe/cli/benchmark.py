@@ -50,6 +50,7 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, worker_thread_count
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
+from ..training.arguments import check_output_dir
 from .cpu_malloc import allocator_name, can_measure_resident_growth, malloc_for_measuring, peak_resident_growth
 from .flop_count import training_step_flops
 
@@ -271,11 +272,16 @@ def _start_memory_process(num_threads: int) -> None:
     torch.set_num_threads(num_threads)  # as many as the timed runs had: moe_fused's worker threads depend on it
 
 
+def _skip(num_experts: int, top_k: int, why: str) -> None:
+    print(f"skipping experts={num_experts}, k={top_k}: {why}", flush=True)
+
+
 def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for num_experts in args.experts:
         for top_k in args.top_k:
             if top_k > num_experts:
+                _skip(num_experts, top_k, "k > experts")
                 continue
             for num_tokens in args.tokens:
                 config, layer, dense, x, drop_grads = layer_and_dense(
@@ -357,6 +363,7 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
     for num_experts, top_k, num_tokens in itertools.product(args.experts, args.top_k, args.tokens):
         per_expert = num_tokens * top_k // num_experts
         if per_expert < 1:
+            _skip(num_experts, top_k, f"{num_tokens} tokens * k give no row per expert")
             continue
         total = per_expert * num_experts
         torch.manual_seed(0)
@@ -519,6 +526,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
     for num_experts in args.experts:
         for top_k in args.top_k:
             if top_k > num_experts:
+                _skip(num_experts, top_k, "k > experts")
                 continue
             ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, device, dtype)
             variants = _model_variants(ours, olmoe)
@@ -653,6 +661,34 @@ def _machine(device: torch.device) -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {allocator_name()}"
 
 
+# `--quick`: a smoke run of a few seconds.
+QUICK_VALUES = dict(
+    experts=[4, 16],
+    top_k=[2],
+    tokens=[64],
+    repeats=2,
+    hidden=32,
+    expert_hidden=64,
+    layers=1,
+    heads=4,
+    vocab=128,
+    batch=2,
+    seq_len=16,
+    new_tokens=4,
+)
+
+
+def _runnable(args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int) -> bool:
+    """Whether a sweep point can run: k experts of `num_experts`; in gemm mode, at least one row per expert."""
+    if args.mode == "gemm":
+        return num_tokens * top_k // num_experts >= 1
+    return top_k <= num_experts
+
+
+def _runnable_combinations(args: argparse.Namespace) -> list[tuple[int, int, int]]:
+    return [point for point in itertools.product(args.experts, args.top_k, args.tokens) if _runnable(args, *point)]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moe-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("layer", "model", "both", "gemm"), default="layer")
@@ -674,12 +710,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256, help="model mode: training sequence length")
     parser.add_argument("--new-tokens", type=int, default=32, help="model mode: greedy tokens generated")
     parser.add_argument("--output-dir", type=Path, default=Path("benchmark_results"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke run of a few seconds")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and 2 repeats for every option not given: a smoke run of a few seconds",
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.experts, args.top_k, args.tokens, args.repeats = [4, 16], [2], [64], 2
-        args.hidden, args.expert_hidden, args.layers, args.heads = 32, 64, 1, 4
-        args.vocab, args.batch, args.seq_len, args.new_tokens = 128, 2, 16, 4
+    if args.quick:  # quick sizes as the defaults: the options given on the command line keep their values
+        parser.set_defaults(**QUICK_VALUES)
+        args = parser.parse_args(argv)
     for name in ("experts", "top_k", "tokens"):
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
@@ -687,8 +726,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("hidden", "expert_hidden", "repeats", "layers", "heads", "vocab", "batch", "seq_len", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.hidden % args.heads != 0:
-        parser.error(f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads})")
+    if args.mode in ("model", "both"):
+        if args.hidden % args.heads != 0 or (args.hidden // args.heads) % 2 != 0:
+            parser.error(
+                f"--hidden ({args.hidden}) must be divisible by --heads ({args.heads}) into an even head size (RoPE)"
+            )
+    if not _runnable_combinations(args):
+        what = (
+            "--experts, --top-k and --tokens (tokens * k >= experts)"
+            if args.mode == "gemm"
+            else "--experts and --top-k (k <= experts)"
+        )
+        parser.error(
+            f"no runnable combination of {what}: experts {args.experts}, top-k {args.top_k}, tokens {args.tokens}"
+        )
     unknown = [name for name in args.implementations if name not in LAYER_IMPLEMENTATIONS + ("batched_mm",)]
     if unknown or FAST_EXPERTS_IMPLEMENTATION not in args.implementations:
         parser.error(
@@ -704,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine.")
     dtype = DTYPES[args.dtype]
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(args.output_dir)
     machine = _machine(device)
     print(f"# moe-bench on {machine}, {args.dtype}", flush=True)
     if args.mode in ("layer", "both"):
