@@ -45,8 +45,9 @@ def test_reused_memory_does_not_fault_again():
     status, reused = run_faults("reuse")
     assert status == REUSING
     # The heap grows to hold the tensor once or twice (a 64-byte-aligned request does not fit in the first freed
-    # chunk alone), then every later one reuses its pages.
-    assert sum(count > PAGES // 100 for count in reused) <= 2 and max(reused[-4:]) < PAGES // 100, reused
+    # chunk alone; seen once in CI: three times, when something else was allocated at the heap's top in between),
+    # then every later one reuses its pages.
+    assert sum(count > PAGES // 100 for count in reused) <= 3 and max(reused[-4:]) < PAGES // 100, reused
 
 
 def test_other_allocators_are_left_as_they_are():
