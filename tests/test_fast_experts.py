@@ -504,6 +504,14 @@ def test_benchmark_rejects_sweeps_that_cannot_run(capsys, argv, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+def test_benchmark_layer_takes_any_hidden_size():
+    from modeling_moe.cli.benchmark import layer_and_dense
+
+    args = parse_args(["--quick", "--hidden", "33", "--activation", "relu"])  # the layer has no attention heads
+    config, layer, dense, x, _ = layer_and_dense(args, 4, 2, 16, torch.device("cpu"), torch.float32)
+    assert x.shape == (16, 33) and config.hidden_size == 33
+
+
 def test_benchmark_quick_keeps_the_values_given():
     args = parse_args(["--quick", "--experts", "64", "--repeats", "9"])
     assert (args.experts, args.repeats) == ([64], 9)

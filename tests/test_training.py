@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_moe import MoEForCausalLM
+from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.cli import evaluate as moe_eval
 from modeling_moe.cli import push_to_hub as moe_push
 from modeling_moe.cli import train as moe_train
@@ -360,7 +360,12 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
         (["--config", "{config}", "--experts_implementation", "bogus"], ValueError, "got 'bogus'"),
         (["--config", "{config}", "--streaming", "--max_steps", "-1"], ValueError, "needs `--max_steps`"),
         (["--config", "{config}", "--block_size", "0"], ValueError, "`block_size` must be at least 2"),
-        (["--config", "{config}", "--block_size", "128"], ValueError, "larger than the config's max_position"),
+        (["--config", "{config}", "--block_size", "128"], ValueError, "larger than the model's max_position"),
+        (
+            ["--model_name_or_path", "{saved}", "--block_size", "128"],
+            ValueError,
+            "larger than the model's max_position",
+        ),
         (["--config", "{config}", "--max_train_samples", "0"], ValueError, "`max_train_samples` must be at least 1"),
         (["--config", "{config}", "--resume_from_checkpoint", "{tmp}"], FileNotFoundError, "not a checkpoint folder"),
         (["--config", "{config}", "--dry_run", "--hub_export_dir", "{out}"], ValueError, "would replace"),
@@ -379,6 +384,7 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
     (tmp_path / "bad.json").write_text(json.dumps({**TINY, "num_expertz": 8}))
     (tmp_path / "bad.yaml").write_text("hidden_size: [32\n")
     (tmp_path / "other").mkdir()
+    MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
     (tmp_path / "other" / "notes.txt").write_text("mine")
     paths = {
         "config": workdir / "tiny.json",
@@ -387,6 +393,7 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
         "tmp": tmp_path,
         "out": tmp_path / "out",
         "other": tmp_path / "other",
+        "saved": tmp_path / "saved",
     }
     argv = [arg.format(**paths) for arg in extra]
     with pytest.raises(error, match=match):

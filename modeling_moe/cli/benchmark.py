@@ -176,6 +176,7 @@ def layer_and_dense(
     config = MoEConfig(
         hidden_size=args.hidden,
         num_attention_heads=1,
+        head_dim=2,  # the layer alone: any hidden size, the attention geometry is unused
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         expert_intermediate_size=args.expert_hidden,

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
@@ -189,12 +190,23 @@ def check_arguments(
         fields.update(
             check_config_fields(parse_overrides(model_args.config_overrides), MoEConfig, "`config_overrides`")
         )
-        config = MoEConfig(**fields)  # bad values fail here, naming the field
-        if data_args.block_size is not None and data_args.block_size > config.max_position_embeddings:
-            raise ValueError(
-                f"`block_size` ({data_args.block_size}) is larger than the config's max_position_embeddings "
-                f"({config.max_position_embeddings})."
-            )
+        max_positions = MoEConfig(**fields).max_position_embeddings  # bad values fail here, naming the field
+    elif os.path.isfile(os.path.join(model_args.model_name_or_path, "adapter_config.json")):
+        max_positions = None  # LoRA adapters: their base model's config is read when it is loaded
+    else:
+        hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path,
+            token=model_args.token,
+            trust_remote_code=model_args.trust_remote_code,
+            **hub_kwargs,
+        )
+        max_positions = getattr(config, "max_position_embeddings", None)
+    if data_args.block_size is not None and max_positions is not None and data_args.block_size > max_positions:
+        raise ValueError(
+            f"`block_size` ({data_args.block_size}) is larger than the model's max_position_embeddings "
+            f"({max_positions})."
+        )
     return fields
 
 
