@@ -140,7 +140,7 @@ class TrainSettings:
     experts_implementation: str = "moe_fused"
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "seq_len", "batch_size", "steps", "eval_batches", "expert_intermediate_size"):
+        for name in ("hidden_size", "batch_size", "steps", "eval_batches", "expert_intermediate_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         if self.seq_len < 2:
@@ -494,12 +494,13 @@ def settings_from_args(args, script_defaults: dict | None = None) -> tuple[Train
     values["seed"] = args.seed
     if args.threads < 1:
         raise ValueError(f"`--threads` must be a positive integer, got {args.threads!r}.")
+    settings = TrainSettings(**values)
     check_output_dir(args.output_dir)  # before the models train, not when the results are written
     torch.set_num_threads(args.threads)
     max_bytes = (
         args.max_corpus_bytes if args.max_corpus_bytes is not None else (QUICK_CORPUS_BYTES if args.quick else None)
     )
-    return TrainSettings(**values), max_bytes
+    return settings, max_bytes
 
 
 def format_number(value: float, digits: int = 2) -> str:

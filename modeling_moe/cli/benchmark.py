@@ -273,16 +273,27 @@ def _start_memory_process(num_threads: int) -> None:
     torch.set_num_threads(num_threads)  # as many as the timed runs had: moe_fused's worker threads depend on it
 
 
-def _skip(num_experts: int, top_k: int, why: str) -> None:
-    print(f"skipping experts={num_experts}, k={top_k}: {why}", flush=True)
+def _why_not_runnable(num_experts: int, top_k: int, num_tokens: int | None = None) -> str | None:
+    """Why a sweep point cannot run, or None: k above the number of experts; with `num_tokens` (gemm mode), fewer
+    rows `tokens * k` than experts."""
+    if num_tokens is not None:
+        return None if num_tokens * top_k >= num_experts else f"{num_tokens} tokens * k give no row per expert"
+    return "k > experts" if top_k > num_experts else None
+
+
+def _skipped(num_experts: int, top_k: int, num_tokens: int | None = None) -> bool:
+    """Whether to skip a sweep point, saying why if so."""
+    why = _why_not_runnable(num_experts, top_k, num_tokens)
+    if why is not None:
+        print(f"skipping experts={num_experts}, k={top_k}: {why}", flush=True)
+    return why is not None
 
 
 def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     for num_experts in args.experts:
         for top_k in args.top_k:
-            if top_k > num_experts:
-                _skip(num_experts, top_k, "k > experts")
+            if _skipped(num_experts, top_k):
                 continue
             for num_tokens in args.tokens:
                 config, layer, dense, x, drop_grads = layer_and_dense(
@@ -362,10 +373,9 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
     FLOPs."""
     rows = []
     for num_experts, top_k, num_tokens in itertools.product(args.experts, args.top_k, args.tokens):
-        per_expert = num_tokens * top_k // num_experts
-        if per_expert < 1:
-            _skip(num_experts, top_k, f"{num_tokens} tokens * k give no row per expert")
+        if _skipped(num_experts, top_k, num_tokens):
             continue
+        per_expert = num_tokens * top_k // num_experts
         total = per_expert * num_experts
         torch.manual_seed(0)
         x = torch.randn(total, args.hidden, device=device, dtype=dtype)  # (experts * rows, hidden)
@@ -526,8 +536,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
     rows = []
     for num_experts in args.experts:
         for top_k in args.top_k:
-            if top_k > num_experts:
-                _skip(num_experts, top_k, "k > experts")
+            if _skipped(num_experts, top_k):
                 continue
             ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, device, dtype)
             variants = _model_variants(ours, olmoe)
@@ -679,15 +688,13 @@ QUICK_VALUES = dict(
 )
 
 
-def _runnable(args: argparse.Namespace, num_experts: int, top_k: int, num_tokens: int) -> bool:
-    """Whether a sweep point can run: k experts of `num_experts`; in gemm mode, at least one row per expert."""
-    if args.mode == "gemm":
-        return num_tokens * top_k // num_experts >= 1
-    return top_k <= num_experts
-
-
 def _runnable_combinations(args: argparse.Namespace) -> list[tuple[int, int, int]]:
-    return [point for point in itertools.product(args.experts, args.top_k, args.tokens) if _runnable(args, *point)]
+    gemm = args.mode == "gemm"  # layer and model modes: k <= experts whatever the tokens
+    return [
+        (experts, k, tokens)
+        for experts, k, tokens in itertools.product(args.experts, args.top_k, args.tokens)
+        if _why_not_runnable(experts, k, tokens if gemm else None) is None
+    ]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -122,11 +122,10 @@ def peak_resident_growth(fn: Callable[[], object]) -> int | None:
     growth also counts freed memory that malloc did not reuse, and misses what threads other than the main one kept
     at the top of their malloc arenas from earlier calls (glibc trims that only as it frees) and `fn` reuses.
     """
-    libc = _glibc_malloc()
-    if libc is None or not can_measure_resident_growth():
+    if not can_measure_resident_growth():
         return None
     gc.collect()
-    libc.malloc_trim(0)
+    _glibc().malloc_trim(0)  # glibc's malloc serves the process: `can_measure_resident_growth` asked
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = _status_bytes("VmRSS")

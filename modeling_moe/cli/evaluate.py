@@ -18,9 +18,9 @@ import transformers
 from datasets import DatasetDict, IterableDatasetDict
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments, set_seed
 
-from ..training.arguments import check_output_dir
+from ..training.arguments import check_minimums, check_output_dir, resolve_block_size
 from ..training.callbacks import unwrap_moe_model
-from ..training.data import load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
+from ..training.data import first_samples, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from ..training.evaluation import (
     build_trainer,
     format_table,
@@ -86,22 +86,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((EvalArguments, EvalDataArguments))
     args, data_args = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     transformers.utils.logging.set_verbosity_warning()
-    for name, least in (("block_size", 2), ("max_eval_samples", 1)):
-        value = getattr(data_args, name)
-        if value is not None and value < least:
-            raise ValueError(f"`{name}` must be at least {least} (or not set), got {value}.")
+    check_minimums(data_args, {"block_size": 2, "max_eval_samples": 1})
     if args.output_dir is not None:
         check_output_dir(args.output_dir)
     set_seed(args.seed)
 
     model = load_model(args)
     base = unwrap_moe_model(model)
-    max_positions = base.config.max_position_embeddings
-    block_size = data_args.block_size if data_args.block_size is not None else min(128, max_positions)
-    if block_size > max_positions:
-        raise ValueError(
-            f"`block_size` ({block_size}) is larger than the model's max_position_embeddings ({max_positions})."
-        )
+    block_size = resolve_block_size(data_args.block_size, base.config.max_position_embeddings)
     tokenizer = load_tokenizer(
         args.tokenizer_name or args.model_name_or_path, token=args.token, cache_dir=args.cache_dir
     )
@@ -127,12 +119,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     text_column = resolve_text_column(split, data_args.text_column_name)
     container = IterableDatasetDict if data_args.streaming else DatasetDict
     eval_dataset = tokenize_and_pack(container({"validation": split}), tokenizer, text_column, block_size)["validation"]
-    if data_args.max_eval_samples is not None:
-        eval_dataset = (
-            eval_dataset.take(data_args.max_eval_samples)
-            if data_args.streaming
-            else eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
-        )
+    eval_dataset = first_samples(eval_dataset, data_args.max_eval_samples)
 
     with tempfile.TemporaryDirectory() as scratch:
         training_args = TrainingArguments(

@@ -57,13 +57,16 @@ from ..training.arguments import (
     ModelArguments,
     RunArguments,
     check_config_fields,
+    check_minimums,
     check_output_dir,
     load_config_file,
     parse_overrides,
+    resolve_block_size,
 )
 from ..training.callbacks import unwrap_moe_model
 from ..training.data import (
     DEFAULT_CORPUS_NAME,
+    first_samples,
     iter_texts,
     load_raw_datasets,
     load_tokenizer,
@@ -179,10 +182,7 @@ def check_arguments(
         raise ValueError(f"`experts_implementation` must be one of {valid_implementations}, got {implementation!r}.")
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
-    for name in ("block_size", "max_train_samples", "max_eval_samples"):
-        value, least = getattr(data_args, name), 2 if name == "block_size" else 1
-        if value is not None and value < least:
-            raise ValueError(f"`{name}` must be at least {least} (or not set), got {value}.")
+    check_minimums(data_args, {"block_size": 2, "max_train_samples": 1, "max_eval_samples": 1})
     fields = None
     if model_args.config is not None:
         source = f"config file {model_args.config!r}"
@@ -194,19 +194,16 @@ def check_arguments(
     elif os.path.isfile(os.path.join(model_args.model_name_or_path, "adapter_config.json")):
         max_positions = None  # LoRA adapters: their base model's config is read when it is loaded
     else:
-        hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
             token=model_args.token,
             trust_remote_code=model_args.trust_remote_code,
-            **hub_kwargs,
         )
         max_positions = getattr(config, "max_position_embeddings", None)
-    if data_args.block_size is not None and max_positions is not None and data_args.block_size > max_positions:
-        raise ValueError(
-            f"`block_size` ({data_args.block_size}) is larger than the model's max_position_embeddings "
-            f"({max_positions})."
-        )
+    if max_positions is not None:
+        resolve_block_size(data_args.block_size, max_positions)
     return fields
 
 
@@ -475,30 +472,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             json.dumps(shapes),
         )
     config = model.config
-    block_size = data_args.block_size if data_args.block_size is not None else min(128, config.max_position_embeddings)
-    if block_size > config.max_position_embeddings:
-        raise ValueError(
-            f"`block_size` ({block_size}) is larger than the model's max_position_embeddings "
-            f"({config.max_position_embeddings})."
-        )
+    block_size = resolve_block_size(data_args.block_size, config.max_position_embeddings)
     if run_args.lora:
         model = apply_lora(model, run_args)
 
     with training_args.main_process_first(desc="tokenizing and packing"):
         packed = tokenize_and_pack(raw, tokenizer, text_column, block_size, data_args.preprocessing_num_workers)
     train_dataset, eval_dataset = packed["train"], packed["validation"]
-    if data_args.max_train_samples is not None:
-        train_dataset = (
-            train_dataset.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
-        )
-    if data_args.max_eval_samples is not None:
-        eval_dataset = (
-            eval_dataset.take(data_args.max_eval_samples)
-            if data_args.streaming
-            else eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
-        )
+    train_dataset = first_samples(train_dataset, data_args.max_train_samples)
+    eval_dataset = first_samples(eval_dataset, data_args.max_eval_samples)
 
     trainer, balance = build_trainer(
         model,

@@ -195,3 +195,23 @@ def check_output_dir(output_dir: str) -> None:
             pass
     except OSError as error:
         raise PermissionError(f"`output_dir` {output_dir!r} is not writable: {error}") from error
+
+
+def check_minimums(args: object, minimums: dict[str, int]) -> None:
+    """Each named argument of `args` that is set must be at least its minimum (an error naming it otherwise)."""
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise ValueError(f"`{name}` must be at least {least} (or not set), got {value}.")
+
+
+def resolve_block_size(block_size: int | None, max_position_embeddings: int) -> int:
+    """`--block_size`, or `min(128, max_position_embeddings)` when not set; above the model's positions is an error."""
+    if block_size is None:
+        return min(128, max_position_embeddings)
+    if block_size > max_position_embeddings:
+        raise ValueError(
+            f"`block_size` ({block_size}) is larger than the model's max_position_embeddings "
+            f"({max_position_embeddings})."
+        )
+    return block_size

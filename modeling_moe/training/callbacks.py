@@ -127,13 +127,12 @@ class ExpertBalanceCallback(TrainerCallback):
         for training in (True, False):  # drop forwards made before training (e.g. a sanity generate)
             self._pop(training)
         if state.global_step > 0 and not self.history:  # resumed: the history up to the checkpoint
-            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            self.load_history(checkpoint, up_to_step=state.global_step)
+            self.load_history(_checkpoint_dir(args, state), up_to_step=state.global_step)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # With the checkpoint, so that a run resumed from it continues the history (and the heatmap) instead of
         # starting over.
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        checkpoint = _checkpoint_dir(args, state)
         if state.is_world_process_zero and self.history and os.path.isdir(checkpoint):
             with open(os.path.join(checkpoint, HISTORY_FILENAME), "w") as f:
                 json.dump(self.history, f)
@@ -169,6 +168,11 @@ class ExpertBalanceCallback(TrainerCallback):
         plot_expert_load_heatmap(
             self.history, os.path.join(output_dir, HEATMAP_FILENAME), moe_layer_indices(self._model)
         )
+
+
+def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
+    """Where `Trainer` saves (and by default resumes) the checkpoint of the current step."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:

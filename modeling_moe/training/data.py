@@ -224,6 +224,15 @@ def train_bpe_tokenizer(texts: Iterator[list[str]], vocab_size: int, model_max_l
     )
 
 
+def first_samples(dataset: Dataset | IterableDataset, count: int | None) -> Dataset | IterableDataset:
+    """The first `count` examples of `dataset` (all of them for None), streamed or not."""
+    if count is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(len(dataset), count)))
+
+
 def tokenize_and_pack(
     raw: DatasetDict | IterableDatasetDict,
     tokenizer,
