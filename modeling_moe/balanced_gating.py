@@ -7,7 +7,8 @@ trained with `L_batchwise` to make the threshold mask reproduce the batchwise on
 
 A token can get a variable number of experts. The router returns a fixed `K` slots per token (`K` = the most experts
 any token of the call got): the token's experts first, then unused slots with weight 0 (their index is a valid expert,
-so every experts implementation accepts it; a zero weight contributes nothing and passes no gradient).
+so every experts implementation accepts it; a zero weight contributes nothing and passes no gradient, and the MoE block
+turns it into the skipped sentinel id for the implementations that accept one, so it costs no expert compute).
 """
 
 from __future__ import annotations
@@ -21,21 +22,22 @@ from torch import nn
 from .gating import RouterOutput, reduce_router_statistics
 
 
-def batchwise_mask(gate_probs: torch.Tensor, token_mask: torch.Tensor, m: int) -> torch.Tensor:
+def batchwise_mask(gate_scores: torch.Tensor, token_mask: torch.Tensor, m: int) -> torch.Tensor:
     """`M_batchwise(X, m)` of SPEC §5: each expert (column) takes the `m` non-padding tokens with its highest gates.
 
     Args:
-        gate_probs: `(num_tokens, num_experts)` softmax gate values `G_sigma(x)`.
+        gate_scores: `(num_tokens, num_experts)` softmax gate values `G_sigma(x)`, or their logarithm (the same
+            order, without the underflow of small probabilities to 0, which would tie them).
         token_mask: `(num_tokens,)` bool, False on padding tokens (never taken).
         m: tokens per expert, at most the number of non-padding tokens.
 
     Returns:
         `(num_tokens, num_experts)` bool with exactly `m` True per column.
     """
-    mask = torch.zeros_like(gate_probs, dtype=torch.bool)
+    mask = torch.zeros_like(gate_scores, dtype=torch.bool)
     if m == 0:
         return mask
-    scores = gate_probs.masked_fill(~token_mask.unsqueeze(-1), float("-inf"))
+    scores = gate_scores.masked_fill(~token_mask.unsqueeze(-1), float("-inf"))
     return mask.scatter_(0, scores.topk(m, dim=0).indices, True)
 
 
@@ -113,20 +115,24 @@ class BalancedRouter(nn.Module):
         """
         x = hidden_states.reshape(-1, self.hidden_size).float()
         logits = F.linear(x, self.weight.float())  # (num_tokens, n)
-        gate_probs = logits.softmax(dim=-1)  # G_sigma(x)
         valid = torch.ones(x.size(0), dtype=torch.bool, device=x.device) if token_mask is None else token_mask.bool()
         valid = valid.reshape(-1)
         num_valid = int(valid.sum())
 
         with torch.no_grad():
-            batch_mask = batchwise_mask(gate_probs, valid, self.tokens_per_expert_in_training(num_valid))
+            # Ranked by log G_sigma(x): float32 softmax values underflow to tied zeros for logit gaps above ~100.
+            batch_mask = batchwise_mask(
+                logits.log_softmax(dim=-1), valid, self.tokens_per_expert_in_training(num_valid)
+            )
             inference_mask = self.threshold_mask(logits)
             raw_threshold_mask = logits > self.threshold.float()
         route_mask = batch_mask if self.training else inference_mask
 
-        # G(x)_i = G_sigma(x)_i M_{x,i} / sum_j G_sigma(x)_j M_{x,j}; 0 for a token without experts.
-        masked = gate_probs * route_mask
-        gates = masked / masked.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(masked.dtype).tiny)
+        # G(x)_i = G_sigma(x)_i M_{x,i} / sum_j G_sigma(x)_j M_{x,j}: the softmax of x W_g over the token's experts
+        # (computed as such, it never underflows to 0 for all of them); 0 for a token without experts (its row keeps
+        # finite logits, so the softmax's backward has no NaN to multiply by the zero mask).
+        has_expert = route_mask.any(dim=-1, keepdim=True)
+        gates = logits.masked_fill(~route_mask & has_expert, float("-inf")).softmax(dim=-1) * route_mask
         num_slots = max(1, int(route_mask.sum(dim=-1).max())) if x.size(0) else 1
         # The chosen experts have the positive gates, so they come first; the remaining slots carry weight 0.
         top_k_weights, top_k_index = gates.topk(num_slots, dim=-1)

@@ -1,7 +1,5 @@
 """Configuration of the sparsely-gated Mixture-of-Experts language model (Shazeer et al., 2017)."""
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -46,9 +44,10 @@ class MoEConfig(PreTrainedConfig):
             per-expert thresholds used at inference; it is added to the layer's `load_loss`.
         expert_capacity_factor (`float`, *optional*): In training, each expert takes at most
             `ceil(expert_capacity_factor * experts_per_token * tokens / num_experts)` of the batch's non-padding tokens;
-            the assignments over it are skipped (the residual connection carries those tokens) and counted in
-            `RouterOutput.dropped_tokens`. `None` (default): no token is dropped. Evaluation never drops tokens.
-        noise_epsilon (`float`): Floor added to the noise scale in training (SPEC §2, reference value 1e-2).
+            the assignments over it get weight 0 and are skipped (the residual connection carries those tokens) and
+            counted in `RouterOutput.dropped_tokens`. `None` (default): no token is dropped. Evaluation never drops tokens.
+        noise_epsilon (`float`): Floor added to the noise scale in training (SPEC §2, reference value 1e-2); must be
+            positive (SPEC §3: the smooth load estimator divides by the noise scale).
         importance_loss_coef (`float`), load_loss_coef (`float`): `w_importance`, `w_load` of SPEC §3
             (paper's language-modelling defaults: 0.1 and 0.1).
         output_router_logits (`bool`): Whether to return each MoE layer's clean router logits.
@@ -186,18 +185,18 @@ class MoEConfig(PreTrainedConfig):
                 f"got {self.router_statistics_scope!r}."
             )
         self._check_router_values()
-        for name in ("noise_epsilon", "importance_loss_coef", "load_loss_coef"):
+        for name in ("importance_loss_coef", "load_loss_coef"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):  # also rejects NaN
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        # SPEC §3: the noise scale divides the smooth load estimator's Phi argument and must never be zero; the
+        # softplus term underflows to 0 for very negative x W_noise, so the floor itself must be positive.
+        if not 0 < self.noise_epsilon < float("inf"):
+            raise ValueError(f"`noise_epsilon` must be a finite number > 0, got {self.noise_epsilon!r}.")
         if not 0 <= self.attention_dropout <= 1:
             raise ValueError(f"`attention_dropout` must be a probability in [0, 1], got {self.attention_dropout!r}.")
         if not 0 < self.rms_norm_eps < float("inf"):
             raise ValueError(f"`rms_norm_eps` must be a finite number > 0, got {self.rms_norm_eps!r}.")
-        if not isinstance(self.expert_recompute_activations, bool):
-            raise ValueError(
-                f"`expert_recompute_activations` must be a bool, got {self.expert_recompute_activations!r}."
-            )
         self.moe_layer_indices  # noqa: B018 -- validates `moe_layers`
 
     def _check_router_values(self) -> None:

@@ -209,6 +209,9 @@ class TopKRouter(nn.Module):
         statistics_scope: str = "global",
     ):
         super().__init__()
+        if noisy and not 0 < noise_epsilon < float("inf"):
+            # SPEC §3: the smooth load estimator divides by the noise scale, which this floor keeps above zero.
+            raise ValueError(f"`noise_epsilon` must be a finite number > 0, got {noise_epsilon!r}.")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k

@@ -7,6 +7,7 @@ and load balancing losses of SPEC.md §2-§3. The file travels to the Hub as rem
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
@@ -281,6 +282,11 @@ class MoEGatedExperts(nn.Module):
         return _experts_eager_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
+# Experts implementations that skip expert ids `>= num_experts` (the expert-parallel sentinel) in a single process too;
+# transformers' `batched_mm` / `grouped_mm` accept that id only under expert parallelism.
+_SKIPS_SENTINEL_IDS = ("eager", FAST_EXPERTS_IMPLEMENTATION)
+
+
 class MoESparseBlock(nn.Module):
     """The sparsely-gated MoE layer of SPEC §1: `y = sum_i G(x)_i E_i(x)`, computing only the selected experts."""
 
@@ -311,6 +317,12 @@ class MoESparseBlock(nn.Module):
                 flat_mask,
                 self.training,
             )
+        # PEFT LoRA on the expert weights wraps the experts module; the base module holds the implementation's state.
+        experts = self.experts.get_base_layer() if hasattr(self.experts, "get_base_layer") else self.experts
+        if not experts._is_expert_parallel and experts.config._experts_implementation in _SKIPS_SENTINEL_IDS:
+            # SPEC §1: only experts with G(x)_i != 0 are computed. The balanced router's unused slots and the
+            # assignments over capacity have weight 0 (times a zero mask: no gradient either); the sentinel skips them.
+            top_k_index = top_k_index.masked_fill(top_k_weights.detach() == 0, self.num_experts)
         expert_output = self.experts(flat_hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype))
         return expert_output.reshape(batch_size, sequence_length, hidden_dim), router_output
 
@@ -375,7 +387,7 @@ class MoEModelOutputWithPast(MoeModelOutputWithPast):
 
 
 @dataclass
-class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+class MoECausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.Tensor`): with `labels`, the language-modelling loss plus `aux_loss`.
     lm_loss (`torch.Tensor`): the language-modelling (next-token cross-entropy) loss alone.
@@ -384,6 +396,10 @@ class MoECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     router_outputs (`tuple[RouterOutput]`): per MoE layer, its losses and expert statistics.
     """
 
+    # After the fields of `CausalLMOutputWithPast`, so that `outputs[0]` / the tuple of `return_dict=False` start with
+    # (loss,) logits as for built-in causal LMs: `aux_loss` is always set here, unlike OLMoE's.
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     importance_loss: torch.Tensor | None = None
     load_loss: torch.Tensor | None = None
@@ -407,6 +423,16 @@ class MoEPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
         "attentions": OutputRecorder(MoEAttention, index=1),
     }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        # Remote code: name both auto classes, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` works too
+        # (transformers only records the saved class's own auto class).
+        if type(self)._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", "modeling_moe.MoEModel")
+            auto_map.setdefault("AutoModelForCausalLM", "modeling_moe.MoEForCausalLM")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # The fused path is the default: it beat transformers' `grouped_mm` in training (README, "Performance").
@@ -451,7 +477,8 @@ def _check_inputs(
             raise ValueError(
                 f"`input_ids` must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}."
             )
-        if input_ids.numel() > 0:
+        # A data-dependent check: skipped under torch.compile (fullgraph) / tracing, as built-in models have none.
+        if input_ids.numel() > 0 and not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= config.vocab_size:
                 bad = low if low < 0 else high

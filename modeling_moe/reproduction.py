@@ -30,6 +30,7 @@ from .configuration_moe import MoEConfig
 from .gating import cv_squared
 from .modeling_moe import MoEForCausalLM
 from .training.arguments import check_output_dir
+from .training.evaluation import parameter_counts as training_parameter_counts
 
 # Every VALIDATION_MODULUS-th file by path hash goes to validation (about 10% of the files).
 VALIDATION_MODULUS = 10
@@ -183,24 +184,10 @@ def model_config(settings: TrainSettings, num_experts: int, **overrides) -> MoEC
     return MoEConfig(**common)
 
 
-def _expert_parameters(model: MoEForCausalLM) -> tuple[int, int]:
-    """(parameters of all experts, parameters of the experts one token uses), summed over the MoE layers."""
-    total = active = 0
-    for layer in model.model.layers:
-        if not getattr(layer, "is_moe_layer", False):
-            continue
-        experts = layer.mlp.experts
-        size = sum(p.numel() for p in experts.parameters())
-        total += size
-        active += size // experts.num_experts * model.config.experts_per_token
-    return total, active
-
-
 def parameter_counts(model: MoEForCausalLM) -> dict[str, int]:
     """Total parameters, and active ones: those one token's forward pass multiplies by (its experts only)."""
-    total = sum(p.numel() for p in model.parameters())
-    experts_total, experts_active = _expert_parameters(model)
-    return {"total_params": total, "active_params": total - experts_total + experts_active}
+    counts = training_parameter_counts(model)
+    return {"total_params": counts["total_parameters"], "active_params": counts["active_parameters"]}
 
 
 def forward_flops_per_token(config: MoEConfig, seq_len: int, training: bool = False) -> int:

@@ -70,13 +70,17 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
         pass
 
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     ids = torch.load(sys.argv[1])
     for folder in sys.argv[2:]:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
         torch.save(model(input_ids=ids).logits, folder + "/remote_logits.pt")
+        # The base model loads by AutoModel too, with the same decoder weights.
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(base).__name__ == "MoEModel", type(base)
+        assert torch.equal(base(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)
     """
 )
 

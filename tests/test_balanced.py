@@ -91,6 +91,18 @@ def test_training_routing_matches_brute_force_reference(num_tokens):
     assert logits.shape == (num_tokens + 3, 6)
 
 
+def test_training_routing_is_exact_when_softmax_values_underflow():
+    """Logit gaps of hundreds: float32 G_sigma underflows to 0, yet each expert still takes the tokens where its gate
+    is highest (compared in log space), and a token's gates are the softmax over its kept experts (not 0)."""
+    router = BalancedRouter(1, 2, 1).train()
+    with torch.no_grad():
+        router.weight.copy_(torch.tensor([[0.0], [1.0]]))
+    # G_sigma(x_0) = (e^-300, 1), G_sigma(x_1) = (e^-200, 1): expert 0's highest gate is token 1's.
+    _, weights, index, _ = router(torch.tensor([[300.0], [200.0]]))
+    assert index[:, 0].tolist() == [1, 0]
+    assert weights[:, 0].tolist() == [1.0, 1.0]
+
+
 def test_threshold_is_trained_by_batchwise_loss():
     router = _router(coef=0.5).train()
     x = torch.randn(24, 8)

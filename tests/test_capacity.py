@@ -154,3 +154,40 @@ def test_without_capacity_nothing_is_dropped():
     assert torch.equal(
         results[None].router_outputs[0].tokens_per_expert, results[3.0].router_outputs[0].tokens_per_expert
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(expert_capacity_factor=0.5), dict(router_type="balanced")],
+    ids=["over_capacity", "balanced_unused_slots"],
+)
+def test_experts_compute_only_the_assignments_with_a_nonzero_gate(overrides):
+    """SPEC §1: only experts with G(x)_i != 0 are computed. Assignments over capacity and the balanced router's unused
+    slots (weight 0) reach the experts as the skipped sentinel id, with the same loss and gradients as transformers'
+    `grouped_mm`, which computes every slot."""
+    ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(3))
+    results = {}
+    for implementation in ("moe_fused", "eager", "grouped_mm"):
+        model = _model(**overrides).train()
+        model.set_experts_implementation(implementation)
+        captured = {}
+        model.model.layers[1].mlp.experts.register_forward_pre_hook(
+            lambda module, args, captured=captured: captured.update(index=args[1], weights=args[2])
+        )
+        torch.manual_seed(5)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        zero = captured["weights"] == 0
+        assert zero.any(), "the constructed batch should have zero-weight slots"
+        skipped = captured["index"] >= 6
+        if implementation == "grouped_mm":  # it takes no sentinel outside expert parallelism: every slot is computed
+            assert not skipped.any()
+        else:
+            assert torch.equal(skipped, zero)
+        results[implementation] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    reference_loss, reference_grads = results["grouped_mm"]
+    for implementation in ("moe_fused", "eager"):
+        loss, grads = results[implementation]
+        assert torch.allclose(loss, reference_loss, atol=1e-6)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, reference_grads[name], atol=1e-5), (implementation, name)

@@ -298,6 +298,59 @@ def test_cuda_grouped_mm_branch_in_bf16_is_close(cuda_branch_on_cpu, activation)
     assert cuda_branch_on_cpu
 
 
+@pytest.mark.parametrize("branch", ["cpu_blocks", "cuda_grouped_mm"])
+def test_bf16_sums_over_the_slots_round_once(request, monkeypatch, branch):
+    """In bf16 the per-token sums over the k slots (output and input gradient) accumulate in fp32 and round once.
+
+    Integer inputs, expert weights and output gradient in {-1, 0, 1} (hidden size and expert width 16) and routing
+    weights 2^-j (j < 8) make every per-slot product exact in bf16 (integers of at most 256 times a power of two),
+    while their sum over k = 8 of 16 experts needs more than bf16's 8 significant bits. So the only rounding allowed is
+    the final one: output, input gradient and routing-weight gradient equal the float64 results rounded to bf16, bit
+    for bit. With blocks of 16 rows (each token's slots added by several blocks, as in any layer larger than a block),
+    a bf16 accumulator would round every partial sum and miss this on many entries.
+    """
+    if branch == "cuda_grouped_mm":
+        request.getfixturevalue("cuda_branch_on_cpu")
+    num_tokens, num_experts, top_k, size = 64, 16, 8, 16
+    experts = _experts("relu", num_experts, hidden=size, intermediate=size)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in experts.parameters():
+            weight.copy_(torch.randint(-1, 2, weight.shape, generator=generator))
+    x = torch.randint(-1, 2, (num_tokens, size), generator=generator).double()
+    index, _ = _routing(num_tokens, num_experts, top_k, seed=0)
+    weights = torch.exp2(-torch.randint(0, 8, (num_tokens, top_k), generator=generator).double())
+    grad_out = torch.randint(-1, 2, (num_tokens, size), generator=generator).double()
+
+    # Float64 reference, slot by slot: y_t = sum_j w_tj * down[e_tj] relu(up[e_tj] x_t).
+    x_ref, weights_ref = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    up, down = experts.up_proj.detach().double()[index], experts.down_proj.detach().double()[index]
+    hidden = torch.einsum("tkih,th->tki", up, x_ref).relu()
+    slots = weights_ref[..., None] * torch.einsum("tkhi,tki->tkh", down, hidden)  # (tokens, k, hidden)
+    reference = slots.sum(dim=1)
+    (reference * grad_out).sum().backward()
+    assert torch.equal(slots, slots.bfloat16().double())  # every per-slot product is exact in bf16
+    rounded = reference.detach().bfloat16()
+    assert (rounded.double() != reference).double().mean() > 0.25  # many sums need the final rounding
+    bf16_running_sum = torch.zeros_like(rounded)
+    for slot in range(top_k):
+        bf16_running_sum += slots[:, slot].detach().bfloat16()
+    assert (bf16_running_sum != rounded).double().mean() > 0.05  # which a bf16 accumulator misses
+
+    experts.to(torch.bfloat16)
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 16 * size * 2)  # 16 bf16 rows of the up projection per block
+    x, weights = x.bfloat16().requires_grad_(), weights.bfloat16().requires_grad_()
+    output = fused_experts_forward(experts, x, index, weights)
+    (output * grad_out.bfloat16()).sum().backward()
+    for name, result, expected in [
+        ("output", output.detach(), rounded),
+        ("grad input", x.grad, x_ref.grad.bfloat16()),
+        ("grad routing weights", weights.grad, weights_ref.grad.bfloat16()),
+    ]:
+        assert result.dtype == torch.bfloat16
+        assert torch.equal(result, expected), (name, (result != expected).double().mean().item())
+
+
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_recompute_gives_identical_gradients_and_saves_memory(activation):
     experts = _experts(activation)
@@ -322,12 +375,6 @@ def test_recompute_gives_identical_gradients_and_saves_memory(activation):
     # Without recomputation the (rows, intermediate) activations and gathered inputs are kept; with it, neither.
     rows = 40 * 2
     assert saved[False] - saved[True] >= rows * 24 * 4
-
-
-def test_recompute_config_field_is_validated():
-    assert MoEConfig().expert_recompute_activations is False
-    with pytest.raises(ValueError, match="expert_recompute_activations"):
-        MoEConfig(expert_recompute_activations="yes")
 
 
 def test_bad_routing_raises():
@@ -380,9 +427,12 @@ def test_selection_by_name_and_default(tmp_path, activation):
     assert torch.allclose(eager_logits, fused_logits, atol=1e-5)
     with torch.no_grad():  # inference stores nothing for a backward and gives the same logits
         assert torch.allclose(MoEForCausalLM.from_pretrained(tmp_path)(input_ids=ids).logits, eager_logits, atol=1e-5)
-    assert eager_grads.keys() == fused_grads.keys()
-    for name, grad in eager_grads.items():
-        assert torch.allclose(grad, fused_grads[name], atol=1e-5), name
+    for implementation in ("grouped_mm", "batched_mm", FAST_EXPERTS_IMPLEMENTATION):
+        logits, grads = results[implementation]
+        assert torch.allclose(eager_logits, logits, atol=1e-5), implementation
+        assert eager_grads.keys() == grads.keys()
+        for name, grad in eager_grads.items():
+            assert torch.allclose(grad, grads[name], atol=1e-5), (implementation, name)
 
     model.set_experts_implementation("eager")
     assert model.config._experts_implementation == "eager"

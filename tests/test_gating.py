@@ -1,6 +1,7 @@
 """The noisy top-k gate and the balancing losses against SPEC §2-§3, checked by brute force and Monte-Carlo."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -145,6 +146,84 @@ def test_load_loss_alone_gives_gate_gradients():
     assert router.weight.grad.abs().sum() > 0 and router.noise_weight.grad.abs().sum() > 0
 
 
+def _reference_balancing_losses(router: TopKRouter, x: torch.Tensor, mask: torch.Tensor, seed: int):
+    """L_importance and L_load of SPEC §2-§3 in float64, written from the formulas, with the noise the router draws.
+
+    Returns `(importance_loss, load_loss, top_k_index, (W_g, W_noise))`: float64 leaves of the two gate matrices, so
+    that autograd gives the reference gradients. Nothing from `modeling_moe.gating` is used but the router's weights.
+    """
+    weight = router.weight.detach().double().requires_grad_()  # W_g^T
+    noise_weight = router.noise_weight.detach().double().requires_grad_()  # W_noise^T
+    num_tokens, num_experts, k = x.size(0), router.num_experts, router.top_k
+    eps = torch.randn(num_tokens, num_experts, generator=torch.manual_seed(seed)).double()  # the router's draw
+    x = x.double()
+    clean = x @ weight.T
+    sigma = torch.log1p(torch.exp(x @ noise_weight.T)) + router.noise_epsilon  # softplus + the floor of SPEC §2
+    noisy = clean + eps * sigma  # H(x)
+    sorted_noisy, order = noisy.sort(dim=-1, descending=True)
+    rank = order.argsort(dim=-1)  # rank[t, i]: position of expert i in row t, 0 = largest
+    in_top_k = rank < k
+    # G(x) = softmax(KeepTopK(H(x), k)).
+    gates = torch.where(in_top_k, noisy, torch.tensor(float("-inf"), dtype=noisy.dtype)).softmax(dim=-1)
+    # kth_excluding(H(x), k, i): the (k+1)-th largest for an expert inside the top k, the k-th largest otherwise.
+    threshold = torch.where(in_top_k, sorted_noisy[:, k : k + 1], sorted_noisy[:, k - 1 : k])
+    z = (clean - threshold) / sigma
+    probability = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # Phi
+    keep = mask.double().unsqueeze(-1)
+
+    def cv_squared_reference(values):
+        mean = values.mean()
+        return ((values - mean) ** 2).mean() / (mean**2 + 1e-10)
+
+    importance_loss = router.importance_loss_coef * cv_squared_reference((gates * keep).sum(0))
+    load_loss = router.load_loss_coef * cv_squared_reference((probability * keep).sum(0))
+    return importance_loss, load_loss, order[:, :k], (weight, noise_weight)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_balancing_loss_gradients_match_float64_reference(k):
+    """The W_g and W_noise gradients of L_load and L_importance equal autograd through SPEC §2-§3 in float64.
+
+    The gradient of L_load flows through the clean logits, the noise scale (the divisor of Phi) and the threshold
+    kth_excluding(H(x), k, i), which depends on both gate matrices through H(x); dropping any of these paths changes
+    the gradients by far more than the float32 tolerance.
+    """
+    # A noise floor other than the default 1e-2: the reference takes it from the router, as the router must.
+    router = _router(num_experts=8, k=k, noise_epsilon=0.1).train()
+    x = torch.randn(24, 16, generator=torch.Generator().manual_seed(k))
+    mask = torch.ones(24)
+    mask[[3, 10, 17]] = 0.0  # padding takes no part in either loss
+    seed = 100 + k
+    torch.manual_seed(seed)
+    _, _, top_k_index, out = router(x, mask)
+    importance_ref, load_ref, top_k_index_ref, leaves = _reference_balancing_losses(router, x, mask, seed)
+    assert torch.equal(top_k_index, top_k_index_ref)  # same noise, same routing
+    for name, loss, loss_ref in [
+        ("importance", out.importance_loss, importance_ref),
+        ("load", out.load_loss, load_ref),
+    ]:
+        assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5), name
+        grads = torch.autograd.grad(loss, [router.weight, router.noise_weight], retain_graph=True)
+        grads_ref = torch.autograd.grad(loss_ref, leaves, retain_graph=True)
+        for param, grad, grad_ref in zip(["W_g", "W_noise"], grads, grads_ref, strict=True):
+            error = (grad.double() - grad_ref).abs().max().item()
+            scale = grad_ref.abs().max().item()
+            if name == "importance" and k == 1:  # a single kept expert always has gate 1: no gradient
+                assert scale == 0.0 and error == 0.0
+                continue
+            assert scale > 1e-3, (name, param)  # a gradient worth comparing
+            assert error <= 1e-4 * scale, (name, param, error, scale)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_load_probability_passes_gradcheck(k):
+    """load_probability is differentiable in all three inputs, the threshold included (float64, no ties)."""
+    clean, noise_std, generator = _random_gate_inputs(5, 6, seed=20 + k)
+    noisy = clean + torch.randn(clean.shape, generator=generator, dtype=torch.float64) * noise_std
+    inputs = tuple(t.clone().requires_grad_() for t in (clean, noisy, noise_std))
+    assert torch.autograd.gradcheck(lambda c, h, s: load_probability(c, h, s, k), inputs)
+
+
 def test_evaluation_is_deterministic_and_training_is_noisy():
     router = _router()
     x = torch.randn(64, 16)
@@ -169,8 +248,16 @@ def test_padding_is_left_out_of_importance_and_load():
     torch.manual_seed(0)
     masked = router(x, mask)[3]
     torch.manual_seed(0)
-    unmasked = router(x)[3]
+    _, weights, index, unmasked = router(x)
     assert masked.tokens_per_expert.sum() == 2 * 7 and unmasked.tokens_per_expert.sum() == 2 * 10
+    # In training too (same noise): Importance sums the real tokens' gates, Load their smooth P(x, i) (SPEC §3).
+    torch.manual_seed(0)
+    clean, noisy, noise_std = router.gate_logits(x)
+    real = mask.bool()
+    gates = torch.zeros(10, 8).scatter(1, index, weights)
+    assert torch.allclose(masked.importance, gates[real].sum(0), atol=1e-6)
+    assert torch.allclose(masked.load, load_probability(clean, noisy, noise_std, 2)[real].sum(0), atol=1e-6)
+    assert not torch.allclose(masked.load, unmasked.load, atol=1e-3)
 
 
 @pytest.mark.parametrize(

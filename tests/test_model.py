@@ -2,10 +2,11 @@
 implementations, padding, gradient checkpointing, input validation."""
 
 import json
+import math
 
 import pytest
 import torch
-from huggingface_hub.errors import StrictDataclassClassValidationError
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 
@@ -87,15 +88,38 @@ def test_all_moe_layers_and_every_nth():
             "`moe_layers` as an int is the MoE period .* between 1 and num_hidden_layers \\(2\\), got 3",
         ),
         (dict(moe_layers="some"), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 'some'"),
-        (dict(moe_layers=None), "`moe_layers` must be 'all', a positive int or a list of layer indices, got None"),
-        (dict(moe_layers=1.5), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 1.5"),
         (dict(num_experts=0), "`num_experts` must be a positive integer, got 0"),
-        (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be a finite number >= 0, got -0.001"),
+        (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be a finite number > 0, got -0.001"),
+        (dict(noise_epsilon=0.0), "`noise_epsilon` must be a finite number > 0, got 0.0"),
     ],
 )
 def test_invalid_config_values_raise_value_error_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts=8.0), "Field 'num_experts' expected int, got float \\(value: 8.0\\)"),
+        (dict(num_experts="8"), "Field 'num_experts' expected int, got str"),
+        (dict(num_experts_per_tok=True), "Field 'num_experts_per_tok' expected int, got bool"),
+        (dict(num_expert_groups=2.0), "Field 'num_expert_groups' expected int, got float"),
+        (dict(expert_capacity_factor="1.0"), "Field 'expert_capacity_factor' with value '1.0' doesn't match"),
+        (dict(output_router_logits="no"), "Field 'output_router_logits' expected bool, got str"),
+        (dict(expert_recompute_activations="yes"), "Field 'expert_recompute_activations' expected bool, got str"),
+        (dict(moe_layers=None), "Field 'moe_layers' with value None doesn't match"),
+        (dict(moe_layers=1.5), "Field 'moe_layers' with value 1.5 doesn't match"),
+    ],
+)
+def test_values_of_the_wrong_type_raise_naming_the_field(overrides, message):
+    # As for built-in configs: `@strict` checks each field's annotated type on assignment.
+    with pytest.raises(StrictDataclassFieldValidationError, match=message):
+        tiny_config(**overrides)
+    config = tiny_config()
+    name, value = next(iter(overrides.items()))
+    with pytest.raises(StrictDataclassFieldValidationError, match=f"Field '{name}'"):
+        setattr(config, name, value)
 
 
 def test_values_changed_after_construction_are_checked_before_saving(tmp_path):
@@ -152,6 +176,62 @@ def test_loss_includes_balancing_losses_whatever_output_router_logits_says():
     assert zero.aux_loss == 0 and torch.allclose(zero.loss, zero.lm_loss)
 
 
+ROUTER_OVERRIDES = {
+    "noisy_top_k": {},
+    "hierarchical": dict(router_type="hierarchical", num_expert_groups=3, num_groups_per_tok=2),
+    "balanced": dict(router_type="balanced", batchwise_loss_coef=0.0),
+}
+
+
+def _cv(values: list[float]) -> float:
+    """SPEC §3: CV = std / mean over the experts (population std; the 1e-10 of the reference numerics omitted)."""
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / mean
+
+
+@pytest.mark.parametrize("router_type", list(ROUTER_OVERRIDES))
+@pytest.mark.parametrize("training", [True, False])
+def test_each_balancing_loss_follows_its_own_coefficient_and_statistic(router_type, training):
+    """SPEC §3: L_importance = w_importance CV(Importance)^2 and L_load = w_load CV(Load)^2, with two different weights
+    (so swapped wiring fails), and the reported CVs and max/mean load computed in plain Python from the statistics."""
+    ids = _ids()
+    for w_importance, w_load in ((0.3, 0.0), (0.0, 0.7), (0.3, 0.7)):
+        model = _model(importance_loss_coef=w_importance, load_loss_coef=w_load, **ROUTER_OVERRIDES[router_type])
+        model.train(training)
+        torch.manual_seed(0)
+        out = model(input_ids=ids, labels=ids)
+        (layer,) = out.router_outputs
+        importance, load = layer.importance.tolist(), layer.load.tolist()
+        assert out.importance_loss.item() == pytest.approx(w_importance * _cv(importance) ** 2, rel=1e-5, abs=1e-9)
+        assert out.load_loss.item() == pytest.approx(w_load * _cv(load) ** 2, rel=1e-5, abs=1e-9)
+        assert layer.cv_importance.item() == pytest.approx(_cv(importance), rel=1e-5)
+        assert layer.cv_load.item() == pytest.approx(_cv(load), rel=1e-5, abs=1e-6)
+        assert layer.max_mean_load.item() == pytest.approx(max(load) / (sum(load) / len(load)), rel=1e-5)
+    assert _cv(importance) > 0.01 and (_cv(load) > 0.01 or (router_type == "balanced" and training))
+
+
+def test_tuple_outputs_start_with_loss_and_logits_like_built_in_causal_lms():
+    # `model(ids)[0]` is the logits and `return_dict=False` gives (loss, logits, ...) as for Llama or OLMoE, although
+    # the balancing losses (`aux_loss`) are always computed here.
+    model, ids = _model(), _ids()
+    out = model(input_ids=ids, labels=ids)
+    assert torch.equal(model(input_ids=ids)[0], out.logits)
+    loss, logits, *rest = model(input_ids=ids, labels=ids, return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    assert torch.equal(model(input_ids=ids, return_dict=False)[0], out.logits)
+    assert out.aux_loss is not None and torch.equal(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_compiles_as_one_graph_with_grouped_mm_experts():
+    # torch.compile(fullgraph=True) needs no data-dependent Python branch: the token-id check steps aside while
+    # compiling. (`moe_fused` splits its work by expert counts on the host, so it compiles with graph breaks only.)
+    model, ids = _model(), _ids()
+    model.set_experts_implementation("grouped_mm")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6)
+
+
 def test_expert_statistics_are_reported():
     model = _model()
     out = model(input_ids=_ids())
@@ -186,6 +266,7 @@ def test_save_and_load_gives_bitwise_identical_logits(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_moe.MoEForCausalLM"
+    assert config["auto_map"]["AutoModel"] == "modeling_moe.MoEModel"
     assert config["auto_map"]["AutoConfig"] == "configuration_moe.MoEConfig"
     for source in ("modeling_moe.py", "configuration_moe.py", "gating.py"):
         assert (tmp_path / source).exists(), source

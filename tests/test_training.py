@@ -142,7 +142,11 @@ def test_eval_metrics_match_independent_computation(scratch_run):
     saved = json.load(open(out / "all_results.json"))
     assert saved["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"])
     counts = saved["total_parameters"], saved["active_parameters"]
-    assert counts[0] == sum(p.numel() for p in model.parameters()) and counts[1] < counts[0]
+    assert counts[0] == sum(p.numel() for p in model.parameters())
+    # Active: all but the n - k experts a token does not use, in each MoE layer (ReLU experts: up and down matrices).
+    config = model.config
+    unused_experts = len(config.moe_layer_indices) * (config.num_experts - config.experts_per_token)
+    assert counts[1] == counts[0] - unused_experts * 2 * config.hidden_size * config.expert_intermediate_size
 
     # moe-eval on the saved folder reproduces the same numbers.
     evaluation = moe_eval.run(
