@@ -63,12 +63,14 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class _Segment(NamedTuple):
-    """Rows `[start, end)` of a block (relative to the block) that go to `expert`; `first`: the expert's first rows."""
+    """Rows `[start, end)` of a block (relative to the block) that go to `expert`; `first` / `last`: the expert's
+    first / last rows (both for an expert within one block)."""
 
     expert: int
     start: int
     end: int
     first: bool
+    last: bool
 
 
 class _Block(NamedTuple):
@@ -101,6 +103,8 @@ class _SortedRouting:
         self.token = self.pair // self.top_k
         self.empty_experts = [e for e, c in enumerate(counts_list) if c == 0]
         self.grouped = grouped
+        # Low-precision weight gradients of experts larger than a block, summed in fp32 until their last block.
+        self.partial_grads: dict[tuple[int, int], torch.Tensor] = {}
         if grouped:
             self.blocks = [_Block(0, self.num_rows, [])]
         else:
@@ -128,7 +132,7 @@ class _SortedRouting:
                 rows = min(block_rows, count - part)
                 if fill + rows > block_rows:
                     close()
-                segments.append(_Segment(expert, fill, fill + rows, part == 0))
+                segments.append(_Segment(expert, fill, fill + rows, part == 0, part + rows == count))
                 fill += rows
         close()
         return blocks
@@ -160,10 +164,25 @@ class _SortedRouting:
                 grad[self.empty_experts] = 0
             return
         for s in block.segments:
-            if s.first:
-                torch.mm(a[s.start : s.end].t(), b[s.start : s.end], out=grad[s.expert])
-            else:  # the rest of an expert larger than a block
-                grad[s.expert].addmm_(a[s.start : s.end].t(), b[s.start : s.end])
+            a_e, b_e = a[s.start : s.end].t(), b[s.start : s.end]
+            if s.first and s.last:
+                torch.mm(a_e, b_e, out=grad[s.expert])
+            elif grad.element_size() >= 4:  # an expert larger than a block, its parts added in place
+                if s.first:
+                    torch.mm(a_e, b_e, out=grad[s.expert])
+                else:
+                    grad[s.expert].addmm_(a_e, b_e)
+            else:
+                # bf16/fp16: the parts are added in fp32 and rounded once, as one matmul over all the rows would be.
+                # An expert's blocks run in order on one worker (runs are cut where an expert starts).
+                key = (grad.data_ptr(), s.expert)
+                part = torch.mm(a_e.float(), b_e.float())
+                if not s.first:
+                    part += self.partial_grads.pop(key)
+                if s.last:
+                    grad[s.expert].copy_(part)
+                else:
+                    self.partial_grads[key] = part
 
     def new_grad(self, weight: torch.Tensor) -> torch.Tensor:
         """A gradient for `weight` `(n, M, N)`, to be written per expert; experts without rows get zero.

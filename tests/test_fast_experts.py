@@ -305,8 +305,8 @@ def test_bf16_sums_over_the_slots_round_once(request, monkeypatch, branch):
     Integer inputs, expert weights and output gradient in {-1, 0, 1} (hidden size and expert width 16) and routing
     weights 2^-j (j < 8) make every per-slot product exact in bf16 (integers of at most 256 times a power of two),
     while their sum over k = 8 of 16 experts needs more than bf16's 8 significant bits. So the only rounding allowed is
-    the final one: output, input gradient and routing-weight gradient equal the float64 results rounded to bf16, bit
-    for bit. With blocks of 16 rows (each token's slots added by several blocks, as in any layer larger than a block),
+    the final one: output, input gradient, routing-weight gradient and expert weight gradients equal the float64
+    results rounded to bf16, bit for bit. With blocks of 16 rows (each token's slots added by several blocks, as in any layer larger than a block),
     a bf16 accumulator would round every partial sum and miss this on many entries.
     """
     if branch == "cuda_grouped_mm":
@@ -324,7 +324,8 @@ def test_bf16_sums_over_the_slots_round_once(request, monkeypatch, branch):
 
     # Float64 reference, slot by slot: y_t = sum_j w_tj * down[e_tj] relu(up[e_tj] x_t).
     x_ref, weights_ref = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    up, down = experts.up_proj.detach().double()[index], experts.down_proj.detach().double()[index]
+    up_ref, down_ref = (p.detach().double().requires_grad_() for p in (experts.up_proj, experts.down_proj))
+    up, down = up_ref[index], down_ref[index]
     hidden = torch.einsum("tkih,th->tki", up, x_ref).relu()
     slots = weights_ref[..., None] * torch.einsum("tkhi,tki->tkh", down, hidden)  # (tokens, k, hidden)
     reference = slots.sum(dim=1)
@@ -346,6 +347,9 @@ def test_bf16_sums_over_the_slots_round_once(request, monkeypatch, branch):
         ("output", output.detach(), rounded),
         ("grad input", x.grad, x_ref.grad.bfloat16()),
         ("grad routing weights", weights.grad, weights_ref.grad.bfloat16()),
+        # Each expert's 32 rows span two blocks: its weight gradient too is summed in fp32 and rounded once.
+        ("grad up_proj", experts.up_proj.grad, up_ref.grad.bfloat16()),
+        ("grad down_proj", experts.down_proj.grad, down_ref.grad.bfloat16()),
     ]:
         assert result.dtype == torch.bfloat16
         assert torch.equal(result, expected), (name, (result != expected).double().mean().item())
