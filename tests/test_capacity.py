@@ -1,7 +1,10 @@
 """Optional expert capacity: exact dropped counts on constructed cases and against a brute-force queue, skipped
 tokens carried by the residual alone, nothing dropped without a capacity, statistics reported per layer."""
 
+import contextlib
+import importlib.util
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +194,30 @@ def test_experts_compute_only_the_assignments_with_a_nonzero_gate(overrides):
         assert torch.allclose(loss, reference_loss, atol=1e-6)
         for name, grad in grads.items():
             assert torch.allclose(grad, reference_grads[name], atol=1e-5), (implementation, name)
+
+
+def test_zero_weight_slots_benchmark_compares_with_computing_them(tmp_path):
+    """scripts/benchmark_zero_weight_slots.py: its "computed" variant really hands every slot to the experts, and a
+    tiny run writes its table with the slot counts."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "zero_weight_slots", root / "scripts" / "benchmark_zero_weight_slots.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    arguments = ["--experts", "8", "--top-k", "2", "--tokens", "64", "--hidden", "32", "--expert-hidden", "16"]
+    args = script.argparse.Namespace(top_k=2, tokens=64, hidden=32, expert_hidden=16)
+    block = script.build_block("balanced", 8, args)
+    captured = {}
+    block.experts.register_forward_pre_hook(lambda module, inputs: captured.update(index=inputs[1], weights=inputs[2]))
+    x = torch.randn(1, 64, 32)
+    for context, expect_sentinels in ((script.zero_weight_slots_computed(), False), (contextlib.nullcontext(), True)):
+        with context:
+            block(x)
+        assert bool((captured["index"] >= 8).any()) == expect_sentinels
+        assert (captured["weights"] == 0).any()
+    output = tmp_path / "zero_weight_slots.md"
+    text = script.main([*arguments, "--repeats", "1", "--output", str(output)])
+    assert output.read_text() == text
+    row = next(line for line in text.splitlines() if line.startswith("| balanced |")).strip("|").split("|")
+    assert int(row[1]) == 8 and int(row[3]) == 64 * 2 < int(row[2]) and all(float(cell) > 0 for cell in row[4:])
