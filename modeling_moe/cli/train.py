@@ -195,11 +195,7 @@ def check_arguments(
         max_positions = None  # LoRA adapters: their base model's config is read when it is loaded
     else:
         config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-            trust_remote_code=model_args.trust_remote_code,
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **model_args.hub_kwargs
         )
         max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None:
@@ -267,13 +263,12 @@ def _resolve_resume(training_args: TrainingArguments) -> str | None:
 
 def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, text_column: str, target_vocab: int):
     """The tokenizer: named, from the checkpoint being resumed, the fine-tuned model's, or a BPE trained on the data."""
-    hub_kwargs = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision, "token": model_args.token}
     if model_args.tokenizer_name is not None:
-        tokenizer = load_tokenizer(model_args.tokenizer_name, **hub_kwargs)
+        tokenizer = load_tokenizer(model_args.tokenizer_name, **model_args.hub_kwargs)
     elif resume is not None and os.path.isfile(os.path.join(resume, "tokenizer.json")):
         tokenizer = AutoTokenizer.from_pretrained(resume)
     elif model_args.model_name_or_path is not None:
-        tokenizer = load_tokenizer(model_args.model_name_or_path, **hub_kwargs)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, **model_args.hub_kwargs)
     else:
         vocab_size = model_args.tokenizer_vocab_size or target_vocab
         logger.info("Training a byte-level BPE tokenizer (vocab %d) on the training text", vocab_size)
@@ -318,12 +313,7 @@ def build_model(
         return model
     if expert_parallel > 1:
         model = from_pretrained_expert_parallel(
-            model_args.model_name_or_path,
-            expert_parallel,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.token,
-            **extra,
+            model_args.model_name_or_path, expert_parallel, **model_args.hub_kwargs, **extra
         )
         if model.config.vocab_size < len(tokenizer):
             raise ValueError(
@@ -332,12 +322,7 @@ def build_model(
             )
         return model
     model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
-        **extra,
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **model_args.hub_kwargs, **extra
     )
     unwrap_moe_model(model)  # raises a clear error for a model that is not a sparsely-gated MoE
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):

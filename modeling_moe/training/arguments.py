@@ -51,6 +51,11 @@ class ModelArguments:
         metadata={"help": "Experts kernel: 'moe_fused' (the default), 'eager', 'grouped_mm' or 'batched_mm'."},
     )
 
+    @property
+    def hub_kwargs(self) -> dict[str, Any]:
+        """Where `from_pretrained` finds the model, config and tokenizer: cache folder, Hub revision and token."""
+        return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token}
+
 
 @dataclass
 class DataArguments:
