@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 
 from modeling_moe import fast_experts
-from modeling_moe.cli.benchmark import _atomic_write, _machine, _median_times, layer_and_dense
+from modeling_moe.cli.benchmark import (
+    _machine,
+    _median_times,
+    add_layer_script_arguments,
+    layer_and_dense,
+    parse_layer_script_arguments,
+    write_text_atomically,
+)
 
 ONE_GROUP, WORKERS = "one group", "worker threads"
 
@@ -58,19 +64,9 @@ def time_layer(num_experts: int, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--expert-hidden", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--output", type=Path, default=Path("benchmark_results/worker_threads.md"))
-    args = parser.parse_args(argv)
+    add_layer_script_arguments(parser, experts=[64, 256, 1024], output="benchmark_results/worker_threads.md")
+    args = parse_layer_script_arguments(parser, argv)
     args.activation = "relu"
-    for name in ("top_k", "tokens", "hidden", "expert_hidden", "repeats", "experts"):
-        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
-        if any(v < 1 for v in values):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     lines = [
         f"MoE layer forward+backward, {_machine(torch.device('cpu'))}, {torch.get_num_threads()} intra-op threads, "
         f"float32, {args.tokens} tokens, k={args.top_k}, hidden {args.hidden}, expert hidden {args.expert_hidden}; "
@@ -89,8 +85,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(row)
         print(row, flush=True)
     text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.output, lambda p: Path(p).write_text(text))
+    write_text_atomically(args.output, text)
     return text
 
 

@@ -12,13 +12,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from modeling_moe import MoEConfig, fast_experts
 from modeling_moe import modeling_moe as modeling
-from modeling_moe.cli.benchmark import _atomic_write, _machine, _median_times
+from modeling_moe.cli.benchmark import (
+    _machine,
+    _median_times,
+    add_layer_script_arguments,
+    parse_layer_script_arguments,
+    write_text_atomically,
+)
 
 SKIPPED, COMPUTED = "skipped", "computed"
 ROUTERS = {
@@ -88,18 +93,8 @@ def time_block(router: str, num_experts: int, args: argparse.Namespace) -> tuple
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experts", type=int, nargs="+", default=[64])
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--expert-hidden", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--output", type=Path, default=Path("benchmark_results/zero_weight_slots.md"))
-    args = parser.parse_args(argv)
-    for name in ("top_k", "tokens", "hidden", "expert_hidden", "repeats", "experts"):
-        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
-        if any(v < 1 for v in values):
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    add_layer_script_arguments(parser, experts=[64], output="benchmark_results/zero_weight_slots.md")
+    args = parse_layer_script_arguments(parser, argv)
     if args.hidden % 4:
         parser.error(f"--hidden must be a multiple of 4 (two attention heads of an even size), got {args.hidden}")
     if any(args.top_k > n for n in args.experts):
@@ -123,8 +118,7 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(row)
             print(row, flush=True)
     text = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.output, lambda p: Path(p).write_text(text))
+    write_text_atomically(args.output, text)
     return text
 
 

@@ -41,7 +41,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -664,6 +664,42 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """A table or report written whole or not at all (`_atomic_write`), its folder created if needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
+    """`parser.error` for an option below 1: a number, or any value of a list option."""
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, list):
+            bad = [v for v in value if v < 1]
+            if bad:
+                parser.error(f"--{name.replace('_', '-')} values must be positive, got {bad}")
+        elif value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def add_layer_script_arguments(parser: argparse.ArgumentParser, experts: list[int], output: str) -> None:
+    """The options of the single-question layer benchmarks in `scripts/`: one layer shape, a list of expert counts."""
+    parser.add_argument("--experts", type=int, nargs="+", default=experts)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--expert-hidden", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--output", type=Path, default=Path(output))
+
+
+def parse_layer_script_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `add_layer_script_arguments`' options, every count checked to be positive."""
+    args = parser.parse_args(argv)
+    check_positive(parser, args, ("top_k", "tokens", "hidden", "expert_hidden", "repeats", "experts"))
+    return args
+
+
 def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -727,13 +763,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:  # quick sizes as the defaults: the options given on the command line keep their values
         parser.set_defaults(**QUICK_VALUES)
         args = parser.parse_args(argv)
-    for name in ("experts", "top_k", "tokens"):
-        bad = [v for v in getattr(args, name) if v < 1]
-        if bad:
-            parser.error(f"--{name.replace('_', '-')} values must be positive, got {bad}")
-    for name in ("hidden", "expert_hidden", "repeats", "layers", "heads", "vocab", "batch", "seq_len", "new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    counts = ["experts", "top_k", "tokens", "hidden", "expert_hidden", "repeats"]
+    check_positive(parser, args, [*counts, "layers", "heads", "vocab", "batch", "seq_len", "new_tokens"])
     if args.mode in ("model", "both"):
         if args.hidden % args.heads != 0 or (args.hidden // args.heads) % 2 != 0:
             parser.error(
@@ -776,7 +807,7 @@ def main(argv: list[str] | None = None) -> None:
             "(variants interleaved, shuffled).\n\n"
             f"{_layer_table(rows, layer_args)}\n"
         )
-        _atomic_write(args.output_dir / "benchmark_layer.md", lambda p: Path(p).write_text(text))
+        write_text_atomically(args.output_dir / "benchmark_layer.md", text)
         _plot(rows, args.output_dir / "benchmark_layer.png")
     if args.mode in ("model", "both"):
         model_args = argparse.Namespace(**vars(args))
@@ -790,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
             "FLOPs counted with torch's FlopCounterMode; one mm: (batch * seq_len, hidden) @ (hidden, k * expert "
             f"hidden), timed among the steps.\n\n{_model_table(rows)}\n"
         )
-        _atomic_write(args.output_dir / "benchmark_model.md", lambda p: Path(p).write_text(text))
+        write_text_atomically(args.output_dir / "benchmark_model.md", text)
     if args.mode == "gemm":
         rows = run_gemm_benchmark(args, device, dtype)
         text = (
@@ -798,7 +829,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.expert_hidden}) per expert, `tokens * k` rows spread evenly over the experts; median of "
             f"{args.repeats} repeats (variants interleaved, shuffled).\n\n{_gemm_table(rows)}\n"
         )
-        _atomic_write(args.output_dir / "benchmark_gemm.md", lambda p: Path(p).write_text(text))
+        write_text_atomically(args.output_dir / "benchmark_gemm.md", text)
     print(f"wrote {args.output_dir}", flush=True)
 
 
