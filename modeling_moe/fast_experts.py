@@ -165,9 +165,8 @@ class _SortedRouting:
             return
         for s in block.segments:
             a_e, b_e = a[s.start : s.end].t(), b[s.start : s.end]
-            if s.first and s.last:
-                torch.mm(a_e, b_e, out=grad[s.expert])
-            elif grad.element_size() >= 4:  # an expert larger than a block, its parts added in place
+            # One matmul for an expert within one block; in fp32/fp64 an expert's later parts are added in place.
+            if (s.first and s.last) or grad.element_size() >= 4:
                 if s.first:
                     torch.mm(a_e, b_e, out=grad[s.expert])
                 else:
