@@ -29,6 +29,17 @@ from .modeling_moe import MoEForCausalLM
 # A collective that waits longer than this raises on every rank still alive (see `init_distributed`).
 DEFAULT_TIMEOUT_S = 600.0
 
+# `from_pretrained` keyword arguments that say where the checkpoint is; the config is read from the same place.
+_CHECKPOINT_LOCATION_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+)
+
 # Trainer arguments for a model sharded at load time: Trainer cannot checkpoint the optimizer of such a model (it
 # raises otherwise), and `ddp_timeout` bounds the process group if Trainer is the one that creates it.
 EXPERT_PARALLEL_TRAINING_ARGS = {"save_only_model": True, "ddp_timeout": int(DEFAULT_TIMEOUT_S)}
@@ -139,7 +150,8 @@ def from_pretrained_expert_parallel(
     """
     config = kwargs.pop("config", None)
     if config is None:
-        config = MoEConfig.from_pretrained(pretrained_model_name_or_path)
+        location = {key: kwargs[key] for key in _CHECKPOINT_LOCATION_KWARGS if key in kwargs}
+        config = model_class.config_class.from_pretrained(pretrained_model_name_or_path, **location)
     validate_expert_parallel_size(expert_parallel_size, config.num_experts)  # before joining any process group
     if expert_parallel_size == 1:
         return model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)

@@ -227,6 +227,31 @@ def test_bad_expert_parallel_size_is_named_before_joining_a_process_group(tmp_pa
         expert_parallel.from_pretrained_expert_parallel(tmp_path, size)
 
 
+def test_expert_parallel_load_reads_the_config_where_it_reads_the_weights(tmp_path, monkeypatch):
+    """The config comes from the same place as the weights: a checkpoint in a `subfolder` loads (the config was once
+    read from the top folder, without the Hub location arguments), and `revision`/`cache_dir`/`token` reach the config
+    read as they reach the model load (a Hub id at a revision would otherwise read main's config)."""
+    torch.manual_seed(0)
+    saved = MoEForCausalLM(tiny_config("noisy_top_k", num_experts=6))
+    saved.save_pretrained(tmp_path / "sub")
+    model = expert_parallel.from_pretrained_expert_parallel(tmp_path, 1, subfolder="sub")
+    assert model.config.num_experts == 6
+    torch.testing.assert_close(model.state_dict(), saved.state_dict(), rtol=0, atol=0)
+
+    config_reads = []
+    real_read = MoEConfig.from_pretrained.__func__
+
+    def recording_read(cls, path, **kwargs):
+        config_reads.append(kwargs)
+        return real_read(cls, tmp_path / "sub")
+
+    monkeypatch.setattr(MoEConfig, "from_pretrained", classmethod(recording_read))
+    location = {"revision": "v1", "cache_dir": str(tmp_path / "cache"), "token": "hf_x", "local_files_only": True}
+    with pytest.raises(OSError):  # no such Hub repo offline; the config read has already been recorded
+        expert_parallel.from_pretrained_expert_parallel("user/no-such-moe", 1, dtype=torch.float32, **location)
+    assert config_reads == [location]
+
+
 def test_fused_experts_backward_when_saved_weights_come_back_in_other_memory():
     """The weights `moe_fused` saves can come back in backward in other memory: FSDP2 frees the gathered parameters
     after forward and gathers them again, and saved-tensor hooks (offloading) unpack copies. Here each comes back in
