@@ -131,6 +131,10 @@ class MoEConfig(PreTrainedConfig):
         # A plain ValueError here, before the parent sets up RoPE and the rest from these values; `@strict` runs the
         # same checks again after `__init__` (cheap) and from `validate()`, e.g. in `save_pretrained`.
         self.validate_moe_values()
+        # As built-in configs (Llama, OLMoE) do: transformers' RoPE initializers for the scaled types ("dynamic",
+        # "yarn", "longrope") read `config.head_dim` and fail on `None`.
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
 
     def validate_moe_values(self) -> None:

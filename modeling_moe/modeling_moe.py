@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -348,7 +348,10 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, RouterOutput | None]:
+    ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the layer's output, its `RouterOutput` (`None` for a dense layer) and that output's two balancing
+        losses again as tensors of the top-level tuple: gradient checkpointing with `use_reentrant=True` runs the
+        forward without autograd and reconnects only the tensors it returns directly, not those inside a dataclass."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -364,12 +367,10 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        router_output = None
-        if self.is_moe_layer:
-            hidden_states, router_output = self.mlp(hidden_states, token_mask)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, router_output
+        if not self.is_moe_layer:
+            return residual + self.mlp(hidden_states), None, None, None
+        hidden_states, router_output = self.mlp(hidden_states, token_mask)
+        return residual + hidden_states, router_output, router_output.importance_loss, router_output.load_loss
 
 
 @dataclass
@@ -423,6 +424,12 @@ class MoEPreTrainedModel(PreTrainedModel):
         "hidden_states": OutputRecorder(MoEDecoderLayer, index=0),
         "attentions": OutputRecorder(MoEAttention, index=1),
     }
+
+    def __init__(self, config: MoEConfig, *inputs, **kwargs):
+        # `from_pretrained(folder, num_experts_per_tok=...)` and assignments after construction set config values
+        # without the checks construction runs: check them before building (plain ValueError naming the field).
+        config.validate_moe_values()
+        super().__init__(config, *inputs, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # Remote code: name both auto classes, so `AutoModel.from_pretrained(folder, trust_remote_code=True)` works too
@@ -583,7 +590,7 @@ class MoEModel(MoEPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         router_outputs = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states, router_output = decoder_layer(
+            hidden_states, router_output, importance_loss, load_loss = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
@@ -594,7 +601,8 @@ class MoEModel(MoEPreTrainedModel):
                 **kwargs,
             )
             if router_output is not None:
-                router_outputs.append(router_output)
+                # The losses from the top-level tuple: the ones gradient checkpointing (reentrant) connects to autograd.
+                router_outputs.append(replace(router_output, importance_loss=importance_loss, load_loss=load_loss))
         hidden_states = self.norm(hidden_states)
 
         importance_loss, load_loss = _sum_router_outputs(router_outputs, hidden_states)

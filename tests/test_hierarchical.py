@@ -346,8 +346,9 @@ def test_router_types_save_load_generate_and_padding(case, tmp_path):
     assert torch.allclose(out.logits[1, 3:], model(input_ids=second).logits[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("case", list(ROUTER_CASES))
-def test_router_types_gradient_checkpointing_gives_the_same_gradients(case):
+def test_router_types_gradient_checkpointing_gives_the_same_gradients(case, use_reentrant):
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
@@ -355,7 +356,7 @@ def test_router_types_gradient_checkpointing_gives_the_same_gradients(case):
     for checkpointing in (False, True):
         model = router_model(case, num_hidden_layers=3, moe_layers="all").train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
         torch.manual_seed(42)  # the same gate noise in both runs (checkpointing replays the RNG state)
         model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
         gradients.append({name: param.grad.clone() for name, param in model.named_parameters()})

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from modeling_moe import MoEConfig, MoEForCausalLM
-from modeling_moe.modeling_moe import CACHE_NAME, MoEExperts, MoEGatedExperts, MoEMLP
+from modeling_moe.modeling_moe import CACHE_NAME, MoEExperts, MoEGatedExperts, MoEMLP, MoERotaryEmbedding
 
 from .conftest import run_remote_code_load, tiny_config, tiny_olmoe
 
@@ -375,13 +376,16 @@ def test_left_padded_batch_generation_matches_each_example_alone():
     assert torch.equal(together[1, 6:], model.generate(second, **settings)[0, 4:])
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    """Reentrant checkpointing runs a layer without autograd and reconnects only the tensors of its output tuple: the
+    balancing losses must be among them, or the gates silently lose their load/importance gradients (SPEC §3)."""
     ids = _ids()
     gradients = []
     for checkpointing in (False, True):
         model = _model(num_hidden_layers=3, moe_layers="all").train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
             assert model.is_activation_checkpointing
         torch.manual_seed(42)  # the same gate noise in both runs (checkpointing replays the RNG state)
         model(input_ids=ids, labels=ids).loss.backward()
@@ -463,3 +467,49 @@ def test_balancing_losses_are_weighted_like_the_lm_loss_under_gradient_accumulat
     assert torch.allclose(share.aux_loss, whole.aux_loss)
     assert torch.allclose(share.loss, share.lm_loss + whole.aux_loss / 4)
     assert torch.allclose(share.lm_loss, whole.lm_loss / 4)
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    ],
+    ids=lambda p: p["rope_type"],
+)
+def test_scaled_rope_types_build_and_match_llama(rope_parameters):
+    # transformers' RoPE initializers for "dynamic" / "yarn" read `config.head_dim`: the config must resolve it, as
+    # LlamaConfig does, or the model fails to build.
+    model = MoEForCausalLM(tiny_config(rope_parameters=dict(rope_parameters))).eval()
+    ids = torch.randint(1, 97, (1, 150))  # longer than max_position_embeddings (128)
+    assert model(input_ids=ids).logits.shape == (1, 150, 97)
+    llama_config = LlamaConfig(
+        hidden_size=32, num_attention_heads=4, max_position_embeddings=128, rope_parameters=dict(rope_parameters)
+    )
+    x, positions = torch.zeros(1, 200, 32), torch.arange(200)[None]
+    ours = MoERotaryEmbedding(model.config)(x, positions)
+    reference = LlamaRotaryEmbedding(llama_config)(x, positions)
+    for a, b in zip(ours, reference, strict=True):
+        assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts_per_tok=99), "`num_experts_per_tok` must be between 1 and `num_experts` \\(6\\), got 99"),
+        (dict(load_loss_coef=-1.0), "`load_loss_coef` must be a finite number >= 0, got -1.0"),
+        (dict(router_type="bogus"), "`router_type` must be one of .*, got 'bogus'"),
+    ],
+)
+def test_from_pretrained_overrides_are_validated(tmp_path, overrides, message):
+    MoEForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path, **overrides)
+
+
+def test_a_config_changed_after_construction_is_checked_before_building():
+    config = tiny_config()
+    config.num_experts_per_tok = 9
+    with pytest.raises(ValueError, match="`num_experts_per_tok` must be between 1"):
+        MoEForCausalLM(config)

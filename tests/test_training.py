@@ -482,3 +482,32 @@ def test_accuracy_metric_module_matches_numpy():
     assert metric.compute(predictions=predictions, references=references)["accuracy"] == pytest.approx(
         float((predictions == references).mean())
     )
+
+
+CARD_GATING = {
+    "noisy_top_k": ({}, "noisy top-k gating", "noisy-top-k-gating"),
+    "softmax_top_k": ({}, "softmax top-k gating (no noise)", "softmax-top-k-gating"),
+    "hierarchical": (dict(num_experts=8, num_expert_groups=2), "hierarchical noisy top-k gating", "hierarchical-moe"),
+    "balanced": ({}, "strictly balanced batchwise gating", "balanced-gating"),
+}
+
+
+@pytest.mark.parametrize("router_type", sorted(CARD_GATING))
+def test_model_card_describes_the_router(router_type):
+    """The card names the model's own gate, in its text and its tags (it once said "noisy top-k" for every router)."""
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from modeling_moe.configuration_moe import ROUTER_TYPES
+    from modeling_moe.training.evaluation import parameter_counts
+    from modeling_moe.training.hub import render_model_card
+
+    assert sorted(CARD_GATING) == sorted(ROUTER_TYPES)
+    overrides, words, tag = CARD_GATING[router_type]
+    model = MoEForCausalLM(MoEConfig(**{**TINY, "router_type": router_type, **overrides}))
+    card = ModelCard(str(render_model_card(model.config, {}, parameter_counts(model), repo_id="me/tiny")))
+    assert not re.search(r"\{\{|\}\}|\{%", card.text)
+    assert words in card.text and tag in card.data.tags
+    if router_type in ("softmax_top_k", "balanced"):
+        assert "noisy" not in card.text and "noisy-top-k-gating" not in card.data.tags

@@ -13,6 +13,16 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .evaluation import balance_summary, format_table
 
 CARD_TEMPLATE = "hub_card.md"
+# How the card names each `router_type` (SPEC §2, §4, §5): (in its text, as a metadata tag).
+GATING_NAMES = {
+    "noisy_top_k": ("noisy top-k gating", "noisy-top-k-gating"),
+    "softmax_top_k": ("softmax top-k gating (no noise)", "softmax-top-k-gating"),
+    "hierarchical": (
+        "hierarchical noisy top-k gating (groups of experts, then experts within each chosen group)",
+        "hierarchical-moe",
+    ),
+    "balanced": ("strictly balanced batchwise gating (learned per-expert thresholds at inference)", "balanced-gating"),
+}
 # Files of a run's output folder that travel with the model (besides what save_pretrained writes).
 EXTRA_FILES = ("all_results.json", "eval_results.json", "train_results.json", "expert_load_heatmap.png")
 
@@ -77,7 +87,7 @@ def render_model_card(
             "mixture-of-experts",
             "moe",
             "sparsely-gated-moe",
-            "noisy-top-k-gating",
+            GATING_NAMES[config.router_type][1],
             "custom_code",
             "text-generation",
         ],
@@ -126,6 +136,7 @@ def render_model_card(
         expert_intermediate_size=config.expert_intermediate_size,
         expert_activation=config.expert_activation,
         router_type=config.router_type,
+        gating=GATING_NAMES[config.router_type][0],
         total_parameters=f"{counts['total_parameters']:,}",
         active_parameters=f"{counts['active_parameters']:,}",
         vocab_size=config.vocab_size,
