@@ -32,19 +32,21 @@ class ExpertStatistics:
     def add(self, router_outputs: tuple[RouterOutput, ...] | None) -> None:
         if not router_outputs:
             return
+        # Totals stay on the device of their first forward's tensors (layers may sit on several devices, and a model
+        # may move between forwards): what arrives is moved there (a no-op on the same device).
         if self.num_forwards == 0:
             self.importance = [r.importance.clone() for r in router_outputs]
             self.load = [r.load.clone() for r in router_outputs]
             self.tokens_per_expert = [r.tokens_per_expert.clone() for r in router_outputs]
-            self.importance_loss = sum(r.importance_loss.detach() for r in router_outputs)
-            self.load_loss = sum(r.load_loss.detach() for r in router_outputs)
+            self.importance_loss = self.load_loss = router_outputs[0].importance_loss.new_zeros(())
         else:
             for i, r in enumerate(router_outputs):
-                self.importance[i] += r.importance
-                self.load[i] += r.load
-                self.tokens_per_expert[i] += r.tokens_per_expert
-            self.importance_loss = self.importance_loss + sum(r.importance_loss.detach() for r in router_outputs)
-            self.load_loss = self.load_loss + sum(r.load_loss.detach() for r in router_outputs)
+                self.importance[i] += r.importance.to(self.importance[i].device)
+                self.load[i] += r.load.to(self.load[i].device)
+                self.tokens_per_expert[i] += r.tokens_per_expert.to(self.tokens_per_expert[i].device)
+        device = self.importance_loss.device
+        self.importance_loss = self.importance_loss + sum(r.importance_loss.detach().to(device) for r in router_outputs)
+        self.load_loss = self.load_loss + sum(r.load_loss.detach().to(device) for r in router_outputs)
         for i, r in enumerate(router_outputs):
             if r.dropped_tokens is not None:
                 self.dropped_tokens[i] = self.dropped_tokens.get(i, 0) + r.dropped_tokens

@@ -520,8 +520,9 @@ def _sum_router_outputs(router_outputs: list[RouterOutput], like: torch.Tensor) 
     importance_loss = like.new_zeros((), dtype=torch.float32)
     load_loss = like.new_zeros((), dtype=torch.float32)
     for router_output in router_outputs:
-        importance_loss = importance_loss + router_output.importance_loss
-        load_loss = load_loss + router_output.load_loss
+        # Layers may sit on other devices (`device_map`); gathered on `like`'s, as OLMoE's aux loss does.
+        importance_loss = importance_loss + router_output.importance_loss.to(like.device)
+        load_loss = load_loss + router_output.load_loss.to(like.device)
     return importance_loss, load_loss
 
 
