@@ -371,6 +371,24 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
             "larger than the model's max_position",
         ),
         (["--config", "{config}", "--max_train_samples", "0"], ValueError, "`max_train_samples` must be at least 1"),
+        (["--model_name_or_path", "{saved}", "--do_eval"], ValueError, "--do_eval without `--do_train` asks for an"),
+        (["--model_name_or_path", "{adapters}"], ValueError, "holds LoRA adapters .*their base model '/base'"),
+        (["--model_name_or_path", "{adapters}", "--lora"], ValueError, "holds LoRA adapters"),
+        (["--model_name_or_path", "{saved}", "--lora", "--lora_r", "0"], ValueError, "`lora_r` must be at least 1"),
+        (["--model_name_or_path", "{saved}", "--lora", "--lora_dropout", "1.5"], ValueError, "`lora_dropout`"),
+        (["--config", "{config}", "--tokenizer_vocab_size", "10"], ValueError, "`tokenizer_vocab_size` must be"),
+        (["--config", "{config}", "--config_overrides", "vocab_size=100"], ValueError, "`vocab_size` 100"),
+        (["--config", "{config}", "--validation_split_percentage", "0"], ValueError, "`validation_split_percentage`"),
+        (
+            ["--config", "{config}", "--per_device_eval_batch_size", "0"],
+            ValueError,
+            "`per_device_eval_batch_size` must be at least 1",
+        ),
+        (
+            ["--config", "{config}", "--dry_run", "--hub_export_dir", "{blocker}/export"],
+            PermissionError,
+            "hub_export_dir",
+        ),
         (["--config", "{config}", "--resume_from_checkpoint", "{tmp}"], FileNotFoundError, "not a checkpoint folder"),
         (["--config", "{config}", "--dry_run", "--hub_export_dir", "{out}"], ValueError, "would replace"),
         (
@@ -388,6 +406,9 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
     (tmp_path / "bad.json").write_text(json.dumps({**TINY, "num_expertz": 8}))
     (tmp_path / "bad.yaml").write_text("hidden_size: [32\n")
     (tmp_path / "other").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/base"}))
     MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
     (tmp_path / "other" / "notes.txt").write_text("mine")
     paths = {
@@ -398,6 +419,8 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
         "out": tmp_path / "out",
         "other": tmp_path / "other",
         "saved": tmp_path / "saved",
+        "blocker": tmp_path / "a_file",
+        "adapters": tmp_path / "adapters",
     }
     argv = [arg.format(**paths) for arg in extra]
     with pytest.raises(error, match=match):
@@ -445,6 +468,14 @@ def test_eval_bad_input_errors(scratch_run, tmp_path, monkeypatch):
         moe_eval.run(["--model_name_or_path", str(out), "--block_size", "128"])  # the tiny model: 64 positions
     with pytest.raises(ValueError, match="`max_eval_samples` must be at least 1"):
         moe_eval.run(["--model_name_or_path", str(out), "--max_eval_samples", "0"])
+    load_model = moe_eval.load_model
+    monkeypatch.setattr(moe_eval, "load_model", lambda *a, **k: pytest.fail("model loaded first"))
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(FileNotFoundError, match=f"`validation_file` '{missing}' does not exist"):
+        moe_eval.run(["--model_name_or_path", str(out), "--validation_file", str(missing)])
+    with pytest.raises(ValueError, match="`per_device_eval_batch_size` must be at least 1"):
+        moe_eval.run(["--model_name_or_path", str(out), "--per_device_eval_batch_size", "0"])
+    monkeypatch.setattr(moe_eval, "load_model", load_model)
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
@@ -511,3 +542,40 @@ def test_model_card_describes_the_router(router_type):
     assert words in card.text and tag in card.data.tags
     if router_type in ("softmax_top_k", "balanced"):
         assert "noisy" not in card.text and "noisy-top-k-gating" not in card.data.tags
+
+
+def test_new_run_refuses_an_output_dir_with_earlier_checkpoints(workdir, tmp_path, monkeypatch):
+    # Quickstart into runs/tiny, then the README's "interrupted" run into the same folder: resuming it with
+    # `--resume_from_checkpoint true` would continue the Quickstart's newest checkpoint, another run.
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    monkeypatch.setattr(moe_train, "load_raw_datasets", lambda *a, **k: pytest.fail("data loaded first"))
+    with pytest.raises(FileExistsError, match="already holds checkpoints of an earlier run \\(checkpoint-4\\)"):
+        moe_train.run(["--config", str(workdir / "tiny.json"), *common_args(out, save_strategy="steps")])
+
+
+def test_resume_true_skips_a_partly_written_checkpoint(workdir, tmp_path):
+    # A run killed while Trainer saved checkpoint-4 (trainer_state.json is written last): `true` resumes checkpoint-2.
+    out = tmp_path / "out"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "model.safetensors").write_bytes(b"half")
+    (out / "checkpoint-2").mkdir()
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
+    args = moe_train.parse_args(["--resume_from_checkpoint", "true", *common_args(out)])[3]
+    assert moe_train._resolve_resume(args) == str(out / "checkpoint-2")
+    (out / "checkpoint-2" / "optimizer.pt").unlink()  # as saved with --save_only_model: no optimizer, no scheduler
+    with pytest.raises(ValueError, match="holds no optimizer or scheduler state"):
+        moe_train._resolve_resume(args)
+    (out / "checkpoint-2" / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="no complete checkpoint found.*checkpoint-4"):
+        moe_train._resolve_resume(args)
+
+
+def test_empty_sample_prompt_skips_the_sample(workdir, tmp_path):
+    # As in moe-eval: '' skips the sample (it used to crash after training, before the Hub export was written).
+    out = tmp_path / "out"
+    argv = ["--config", str(workdir / "tiny.json"), "--sample_prompt", "", "--dry_run", "--skip_eval"]
+    result = moe_train.run([*argv, *common_args(out, max_steps=1)])
+    assert result["sample"] is None and (out / "hub_export" / "README.md").is_file()

@@ -20,7 +20,14 @@ from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArgumen
 
 from ..training.arguments import check_minimums, check_output_dir, resolve_block_size
 from ..training.callbacks import unwrap_moe_model
-from ..training.data import first_samples, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
+from ..training.data import (
+    check_data_file,
+    first_samples,
+    load_raw_datasets,
+    load_tokenizer,
+    resolve_text_column,
+    tokenize_and_pack,
+)
 from ..training.evaluation import (
     build_trainer,
     format_table,
@@ -87,6 +94,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, data_args = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
     transformers.utils.logging.set_verbosity_warning()
     check_minimums(data_args, {"block_size": 2, "max_eval_samples": 1})
+    check_minimums(args, {"per_device_eval_batch_size": 1})
+    # The data arguments are checked before the model is loaded (the file is read as `train_file` below).
+    if data_args.dataset_name is not None and data_args.validation_file is not None:
+        raise ValueError("Pass either `dataset_name` or `validation_file`, not both.")
+    if data_args.validation_file is not None:
+        check_data_file(data_args.validation_file, "validation_file")
     if args.output_dir is not None:
         check_output_dir(args.output_dir)
     set_seed(args.seed)

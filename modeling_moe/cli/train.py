@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from transformers import (
 )
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..configuration_moe import MoEConfig
 from ..expert_parallel import (
@@ -66,6 +67,7 @@ from ..training.arguments import (
 from ..training.callbacks import unwrap_moe_model
 from ..training.data import (
     DEFAULT_CORPUS_NAME,
+    MIN_BPE_VOCAB_SIZE,
     first_samples,
     iter_texts,
     load_raw_datasets,
@@ -97,6 +99,8 @@ _MARKER_FILES = ("config.json", "adapter_config.json")
 # folder the gathered final model is written to (fixed names: every rank must agree on them without talking).
 _EP_INIT_DIR = ".ep-init"
 _EP_STAGING_DIR = ".tmp-save-ep"
+# Vocabulary of the BPE trained from scratch when neither the config file nor `--tokenizer_vocab_size` sets one.
+DEFAULT_BPE_VOCAB_SIZE = 8192
 
 
 def save_atomically(save: Any, output_dir: str) -> None:
@@ -174,6 +178,16 @@ def check_arguments(
             "`--lora` fine-tunes adapters on a trained model: pass `--model_name_or_path` (with `--config` the base "
             "model would be random and never saved)."
         )
+    # run_clm.py trains only with `--do_train` and evaluates with `--do_eval`; moe-train always trains. `do_eval` alone
+    # (TrainingArguments sets it by itself only with an `eval_strategy`) asks for an evaluation-only run, which
+    # would otherwise train the model and overwrite it.
+    explicit = [f"--{name}" for name in ("do_eval", "do_predict") if getattr(training_args, name)]
+    if explicit and not training_args.do_train and training_args.eval_strategy == "no":
+        raise ValueError(
+            f"{' and '.join(explicit)} without `--do_train` asks for an evaluation-only run, but moe-train always "
+            "trains: evaluate a saved model with `moe-eval --model_name_or_path ...`, or add `--do_train` to train and "
+            "then evaluate."
+        )
     if model_args.config_overrides and model_args.config is None:
         raise ValueError("`config_overrides` only applies when training from scratch with `--config`.")
     implementation = model_args.experts_implementation
@@ -183,6 +197,17 @@ def check_arguments(
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
     check_minimums(data_args, {"block_size": 2, "max_train_samples": 1, "max_eval_samples": 1})
+    if not 0 < data_args.validation_split_percentage < 100:
+        raise ValueError(
+            f"`validation_split_percentage` must be in (0, 100), got {data_args.validation_split_percentage}."
+        )
+    check_minimums(model_args, {"tokenizer_vocab_size": MIN_BPE_VOCAB_SIZE, "tokenizer_train_max_chars": 1})
+    if run_args.lora:
+        check_minimums(run_args, {"lora_r": 1})
+        if not 0 <= run_args.lora_dropout <= 1:
+            raise ValueError(f"`lora_dropout` must be in [0, 1], got {run_args.lora_dropout}.")
+    # TrainingArguments accepts 0; the DataLoader would reject it only when it is built (for evaluation: after training).
+    check_minimums(training_args, {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1})
     fields = None
     if model_args.config is not None:
         source = f"config file {model_args.config!r}"
@@ -191,8 +216,25 @@ def check_arguments(
             check_config_fields(parse_overrides(model_args.config_overrides), MoEConfig, "`config_overrides`")
         )
         max_positions = MoEConfig(**fields).max_position_embeddings  # bad values fail here, naming the field
+        if model_args.tokenizer_name is None and model_args.tokenizer_vocab_size is None:
+            # The BPE trained from scratch gets the config's vocab_size.
+            vocab_size = int(fields.get("vocab_size", DEFAULT_BPE_VOCAB_SIZE))
+            if vocab_size < MIN_BPE_VOCAB_SIZE:
+                raise ValueError(
+                    f"`vocab_size` {vocab_size} ({source} / `config_overrides`) is too small for the byte-level BPE "
+                    f"trained from scratch: at least {MIN_BPE_VOCAB_SIZE} (bytes + specials), or pass "
+                    "`--tokenizer_name`."
+                )
     elif os.path.isfile(os.path.join(model_args.model_name_or_path, "adapter_config.json")):
-        max_positions = None  # LoRA adapters: their base model's config is read when it is loaded
+        # Loaded as a model, a folder of LoRA adapters is its base model with frozen adapters on top: training it
+        # fails with "element 0 of tensors does not require grad", or, with `--lora`, PEFT refuses a second wrap.
+        with open(os.path.join(model_args.model_name_or_path, "adapter_config.json"), encoding="utf-8") as f:
+            base = json.load(f).get("base_model_name_or_path")
+        raise ValueError(
+            f"`model_name_or_path` {model_args.model_name_or_path!r} holds LoRA adapters (adapter_config.json), not a "
+            f"model to fine-tune: pass their merged model (`--merge` writes it to `<output_dir>/merged`) or their base "
+            f"model {base!r} (with `--lora` for new adapters)."
+        )
     else:
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **model_args.hub_kwargs
@@ -245,18 +287,56 @@ def setup_expert_parallel(
     return size
 
 
+def _last_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-<step>` of `output_dir` that Trainer finished writing (`trainer_state.json` is written
+    last): a run killed while saving leaves a newer, partial one, which is skipped with a warning."""
+    steps = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps.append((int(match.group(1)), name))
+    partial = []
+    for _, name in sorted(steps, reverse=True):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            if partial:
+                logger.warning(
+                    "Resuming from %s: skipped the partly written %s (no %s).", name, partial, TRAINER_STATE_NAME
+                )
+            return path
+        partial.append(name)
+    found = f" (only partly written ones, without {TRAINER_STATE_NAME}: {partial})" if partial else ""
+    raise ValueError(f"`resume_from_checkpoint`: no complete checkpoint found in {output_dir!r}{found}.")
+
+
 def _resolve_resume(training_args: TrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume is None or str(resume).lower() in ("false", "none", ""):
+        # A new run must not share `output_dir` with an earlier run's checkpoints: its own `checkpoint-<step>` folders
+        # would sit beside (and partly replace) them, and `--resume_from_checkpoint true` after an interruption would
+        # continue the earlier run's newest checkpoint instead of this run's.
+        earlier = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if earlier is not None:
+            raise FileExistsError(
+                f"`output_dir` {training_args.output_dir!r} already holds checkpoints of an earlier run "
+                f"({os.path.basename(earlier)}): pass `--resume_from_checkpoint true` to continue that run, or choose "
+                "a new or empty `output_dir` to start a new one."
+            )
         return None
     if str(resume).lower() in ("true", "last", "latest"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise ValueError(f"`resume_from_checkpoint`: no checkpoint found in {training_args.output_dir!r}.")
-        return last
-    if not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
+        resume = _last_complete_checkpoint(training_args.output_dir)
+    elif not os.path.isfile(os.path.join(resume, TRAINER_STATE_NAME)):
         raise FileNotFoundError(
             f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder (no {TRAINER_STATE_NAME} in it)."
+        )
+    # Trainer resumes a checkpoint saved with `--save_only_model` silently with a new optimizer and a restarted
+    # learning-rate schedule: that does not continue the run.
+    if not any(name.startswith("optimizer") for name in os.listdir(resume)):
+        raise ValueError(
+            f"`resume_from_checkpoint` {resume!r} holds no optimizer or scheduler state (saved with "
+            "`--save_only_model`?), so training cannot continue from it; start a new run from its weights with "
+            "`--model_name_or_path` instead."
         )
     return resume
 
@@ -406,6 +486,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     hub_dir = run_args.hub_export_dir or os.path.join(training_args.output_dir, "hub_export")
     if push or run_args.dry_run:
         check_hub_folder(hub_dir, keep=training_args.output_dir)
+        # The export is written into a sibling of `hub_dir` after training: its parent must be writable now.
+        check_output_dir(os.path.dirname(os.path.abspath(hub_dir)), argument="hub_export_dir")
     expert_parallel = setup_expert_parallel(model_args, run_args, training_args, config_fields)
     cpu_malloc = None
     if run_args.reuse_freed_memory and training_args.device.type == "cpu":
@@ -432,7 +514,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     text_column = resolve_text_column(raw["train"], data_args.text_column_name)
     resolve_text_column(raw["validation"], text_column)
-    target_vocab = int(config_fields.get("vocab_size", 8192)) if config_fields is not None else 8192
+    target_vocab = (
+        int(config_fields.get("vocab_size", DEFAULT_BPE_VOCAB_SIZE)) if config_fields else DEFAULT_BPE_VOCAB_SIZE
+    )
     init_dir = os.path.join(training_args.output_dir, _EP_INIT_DIR)
     if expert_parallel > 1:
         # Every rank must use the same tokenizer (and so the same vocab_size): rank 0 builds (or trains) it and writes
@@ -515,7 +599,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     sample = None
     # Under expert parallelism only rank 0 samples, from its single-process copy (a sharded forward is a collective).
-    if run_args.sample_max_new_tokens > 0 and is_main:
+    if run_args.sample_prompt and run_args.sample_max_new_tokens > 0 and is_main:
         sample = generate_sample(
             export_model, tokenizer, run_args.sample_prompt, run_args.sample_max_new_tokens, seed=training_args.seed
         )

@@ -97,7 +97,9 @@ class RunArguments:
         default=False, metadata={"help": "With --lora: also write the merged model to `output_dir/merged`."}
     )
     skip_eval: bool = field(default=False, metadata={"help": "Do not evaluate at the end of training."})
-    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the sample generated at the end."})
+    sample_prompt: str = field(
+        default="def ", metadata={"help": "Prompt of the sample generated at the end ('' skips it)."}
+    )
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens of the sample ('0' skips it)."})
     dry_run: bool = field(
         default=False,
@@ -192,14 +194,14 @@ def check_config_fields(fields: dict[str, Any], config_class, source: str) -> di
     return fields
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Fail early, naming the folder, when `output_dir` cannot be created or written to."""
+def check_output_dir(output_dir: str, argument: str = "output_dir") -> None:
+    """Fail early, naming the folder and its `argument`, when `output_dir` cannot be created or written to."""
     try:
         os.makedirs(output_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise PermissionError(f"`output_dir` {output_dir!r} is not writable: {error}") from error
+        raise PermissionError(f"`{argument}` {output_dir!r} is not writable: {error}") from error
 
 
 def check_minimums(args: object, minimums: dict[str, int]) -> None:

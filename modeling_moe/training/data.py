@@ -14,6 +14,7 @@ DEFAULT_CORPUS_NAME = "python-stdlib-pydoc-topics"
 # Fixed split of the embedded corpus: every VALIDATION_EVERY-th document (in a fixed order) goes to validation.
 VALIDATION_EVERY = 20
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+MIN_BPE_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
 _EXTENSIONS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -50,7 +51,8 @@ def default_corpus() -> DatasetDict:
     )
 
 
-def _check_data_file(path: str, argument: str) -> str:
+def check_data_file(path: str, argument: str) -> str:
+    """The `datasets` builder of data file `path` (an error naming `argument` for a missing, empty or unknown file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"`{argument}` {path!r} does not exist or is not a file.")
     if os.path.getsize(path) == 0:
@@ -96,9 +98,9 @@ def load_raw_datasets(
         split_source: dict[str, Any] = {"path": dataset_name, "name": dataset_config_name}
     else:
         data_files = {"train": train_file}
-        builder = _check_data_file(train_file, "train_file")
+        builder = check_data_file(train_file, "train_file")
         if validation_file is not None:
-            if _check_data_file(validation_file, "validation_file") != builder:
+            if check_data_file(validation_file, "validation_file") != builder:
                 raise ValueError(
                     f"`train_file` {train_file!r} and `validation_file` {validation_file!r} must have the same format."
                 )
@@ -202,8 +204,10 @@ def train_bpe_tokenizer(texts: Iterator[list[str]], vocab_size: int, model_max_l
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"`tokenizer_vocab_size` must be at least {256 + len(SPECIAL_TOKENS)} (bytes + specials).")
+    if vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ValueError(
+            f"The BPE vocabulary must be at least {MIN_BPE_VOCAB_SIZE} (bytes + specials), got {vocab_size}."
+        )
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
