@@ -13,7 +13,10 @@ The gate is computed in float32 whatever the model's dtype, so fp16/bf16 models 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +103,23 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
+# Set while a training forward runs without autograd on every rank all the same: the first pass of reentrant gradient
+# checkpointing, which runs each layer under `torch.no_grad()` and again with autograd in backward.
+_TRAINING_WITHOUT_AUTOGRAD = contextvars.ContextVar("moe_training_without_autograd", default=False)
+
+
+@contextlib.contextmanager
+def training_forward_without_autograd(active: bool = True) -> Iterator[None]:
+    """Make `reduce_router_statistics` sum over the ranks inside this block even without autograd (`active=False`: no
+    change). For the first pass of reentrant gradient checkpointing, a training forward that every rank runs: without
+    it the losses and statistics that forward returns (the logged ones) would be each rank's own batch's."""
+    token = _TRAINING_WITHOUT_AUTOGRAD.set(active)
+    try:
+        yield
+    finally:
+        _TRAINING_WITHOUT_AUTOGRAD.reset(token)
+
+
 def reduce_router_statistics(
     *statistics: torch.Tensor, scope: str = "global", group: dist.ProcessGroup | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -109,14 +129,15 @@ def reduce_router_statistics(
     is summed over the ranks of `group` (all ranks by default: every rank holds its own data-parallel batch, as under
     DDP, FSDP and the expert parallelism of `DistributedConfig`) in one collective, with gradients flowing back to
     every rank's tokens. Otherwise (`scope="local"`, a single process, or under `torch.no_grad()`, where there is no
-    gradient to share and a collective would hang a rank that generates alone) the tensors come back unchanged.
+    gradient to share and a collective would hang a rank that generates alone; except inside
+    `training_forward_without_autograd`) the tensors come back unchanged.
     Every rank must call it the same number of times: routers call it once per forward, in every MoE layer.
     """
     if scope not in ("global", "local"):
         raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}.")
     if (
         scope == "local"
-        or not torch.is_grad_enabled()
+        or not (torch.is_grad_enabled() or _TRAINING_WITHOUT_AUTOGRAD.get())
         or not dist.is_available()
         or not dist.is_initialized()
         or dist.get_world_size(group) < 2

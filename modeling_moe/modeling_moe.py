@@ -34,7 +34,13 @@ from .expert_statistics import ExpertStatistics
 
 # Registers "moe_fused" in transformers' experts interface; a `from .x import` line so it travels as remote code.
 from .fast_experts import FAST_EXPERTS_IMPLEMENTATION
-from .gating import RouterOutput, TopKRouter, limit_expert_capacity, router_from_config
+from .gating import (
+    RouterOutput,
+    TopKRouter,
+    limit_expert_capacity,
+    router_from_config,
+    training_forward_without_autograd,
+)
 
 # transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache`. The model runs
 # on either: it accepts both argument names, hands the cache to its decoder layers under the installed library's name
@@ -369,7 +375,10 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if not self.is_moe_layer:
             return residual + self.mlp(hidden_states), None, None, None
-        hidden_states, router_output = self.mlp(hidden_states, token_mask)
+        # Reentrant checkpointing runs this first without autograd (every rank, in training): the statistics are still
+        # summed over the ranks, so the returned losses are the global batch's as in the recomputation in backward.
+        with training_forward_without_autograd(self.gradient_checkpointing and self.training):
+            hidden_states, router_output = self.mlp(hidden_states, token_mask)
         return residual + hidden_states, router_output, router_output.importance_loss, router_output.load_loss
 
 

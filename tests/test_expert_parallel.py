@@ -431,6 +431,9 @@ def test_router_statistics_scope_global_or_local(ep_run):
         measured = torch.load(ep_run / f"scopes_rank{rank}.pt")
         assert torch.allclose(measured["global"], global_aux, atol=1e-6, rtol=0)
         assert torch.allclose(measured["local"], local_aux[rank], atol=1e-6, rtol=0)
+        # The losses a reentrant-checkpointed forward returns (and Trainer logs) are the global batch's too (they once
+        # were each rank's own: the first forward runs without autograd, where the statistics stayed local).
+        assert torch.allclose(measured["global, reentrant checkpointing"], global_aux, atol=1e-6, rtol=0)
     assert not torch.allclose(local_aux[0], global_aux, atol=1e-3)  # the two scopes are distinguishable here
 
 
@@ -555,6 +558,12 @@ def _worker_main(workdir: Path) -> None:
     for scope in ("global", "local"):
         plain = MoEForCausalLM.from_pretrained(workdir / "softmax_top_k", router_statistics_scope=scope).train()
         aux_by_scope[scope] = plain(input_ids=input_ids, attention_mask=attention_mask).aux_loss.detach()
+    # Reentrant gradient checkpointing runs the layers' first forward without autograd (and again in backward).
+    plain = MoEForCausalLM.from_pretrained(workdir / "softmax_top_k").train()
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    out = plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    out.loss.backward()
+    aux_by_scope["global, reentrant checkpointing"] = out.aux_loss.detach()
     torch.save(aux_by_scope, workdir / f"scopes_rank{rank}.pt")
 
     model = from_pretrained_expert_parallel(workdir / "softmax_top_k", WORLD_SIZE)

@@ -543,6 +543,22 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
     assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr
 
 
+def test_benchmark_tables_get_ordinary_file_permissions(tmp_path):
+    """Tables and plots go through a private temporary file (mkstemp: 0600); the results must be readable as any file
+    the user writes (they once stayed 0600, unreadable to anyone else, unlike the reproduction scripts' files)."""
+    import os
+    import stat
+
+    from modeling_moe.cli.benchmark import write_text_atomically
+
+    umask = os.umask(0o022)
+    try:
+        write_text_atomically(tmp_path / "results" / "table.md", "| a |\n")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "results" / "table.md").stat().st_mode) == 0o644
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -564,6 +580,27 @@ def test_benchmark_layer_takes_any_hidden_size():
     args = parse_args(["--quick", "--hidden", "33", "--activation", "relu"])  # the layer has no attention heads
     config, layer, dense, x, _ = layer_and_dense(args, 4, 2, 16, torch.device("cpu"), torch.float32)
     assert x.shape == (16, 33) and config.hidden_size == 33
+
+
+def test_benchmark_layer_table_reports_every_implementation_it_timed():
+    """`--implementations ... batched_mm` is accepted and timed: the table must show it (it once had no column)."""
+    from modeling_moe.cli.benchmark import RECOMPUTE, _layer_table
+
+    args = parse_args(["--quick", "--implementations", FAST_EXPERTS_IMPLEMENTATION, "batched_mm"])
+    times = {"dense": 1.0, FAST_EXPERTS_IMPLEMENTATION: 2.0, "batched_mm": 5.0}
+    row = {
+        "experts": 4, "k": 2, "tokens": 64, "times": times, "recompute_time": 2.2,
+        "memory": {name: (2**20, None) for name in times}, "recompute_memory": (2**20, None),
+        "fused_tokens_per_s": 32.0, "dense_tokens_per_s": 64.0,
+    }  # fmt: skip
+    assert RECOMPUTE not in row["times"]
+    header, rule, line = _layer_table([row], args).splitlines()
+    assert header.endswith("| batched_mm / dense | fused speed-up vs batched_mm |")
+    assert header.count("|") == rule.count("|") == line.count("|")
+    assert line.endswith("| 5.00 | 2.50 |")  # 5 s against dense's 1 s, and against moe_fused's 2 s
+    # Without batched_mm the table keeps its columns.
+    args = parse_args(["--quick", "--implementations", FAST_EXPERTS_IMPLEMENTATION, "grouped_mm"])
+    assert "batched_mm" not in _layer_table([row], args)
 
 
 def test_benchmark_quick_keeps_the_values_given():

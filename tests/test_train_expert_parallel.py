@@ -132,6 +132,19 @@ def test_two_rank_run_follows_single_process_run(runs):
     ep_eval = next(entry for entry in ep_history if "eval_nll" in entry)
     assert ep_eval["eval_accuracy"] == pytest.approx(single["metrics"]["eval_accuracy"], abs=1e-6)
     assert ep_eval["eval_nll"] == pytest.approx(single["metrics"]["eval_nll"], abs=1e-5)
+    # The balance statistics too: evaluation's cover both ranks' blocks (they once were rank 0's half alone), and
+    # training's stay those of the global batch.
+    single_eval = next(entry for entry in single_history if "eval_nll" in entry)
+    ep_train, single_train = (
+        [entry for entry in history if "loss" in entry] for history in (ep_history, single_history)
+    )
+    balance = [key for key in single_eval if key.startswith("eval_layer_") or key.endswith("importance_loss")]
+    assert len(balance) == 1 + 3 * len(MoEConfig(**TINY).moe_layer_indices), balance
+    for key in balance:
+        assert ep_eval[key] == pytest.approx(single_eval[key], abs=1e-5), key
+    for ep_entry, single_entry in zip(ep_train, single_train, strict=True):
+        for key in (key for key in single_entry if key.startswith("layer_")):
+            assert ep_entry[key] == pytest.approx(single_entry[key], abs=1e-5), key
     # Final weights, gathered into one checkpoint.
     ep_state = MoEForCausalLM.from_pretrained(ep_dir).state_dict()
     single_state = MoEForCausalLM.from_pretrained(single_dir).state_dict()
@@ -189,6 +202,40 @@ def test_fine_tuning_loads_a_single_process_checkpoint_into_two_ranks(runs, tmp_
     assert saved.keys() == source.keys()
     for key, value in source.items():
         assert torch.equal(saved[key], value), key
+
+
+def test_two_nodes_of_one_process_each_finish_cleanly(tmp_path):
+    """Two "nodes" (two torchrun agents on 127.0.0.1, one process each): rank 1 is its node's first process, so
+    Trainer's `should_log` holds there too, but it has no single-process copy of the model; the run once trained,
+    saved, then failed on rank 1 with `AttributeError: 'NoneType' object has no attribute 'config'` (exit status 1)."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    overrides = {"max_steps": 1, "sample_max_new_tokens": 0, "skip_eval": "true"}
+    args = ["--config", str(config), *cli_args(tmp_path / "out", 2, **overrides), "--expert_parallel", str(WORLD_SIZE)]
+    port = free_port()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1"]
+            + ["--master_addr=127.0.0.1", f"--master_port={port}", "--monitor_interval=0.1"]
+            + [str(REPO / "scripts" / "train.py"), *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in range(2)
+    ]
+    try:
+        outputs = [node.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-4000:]
+    assert "".join(outputs).count("output_dir: ") == 1  # the summary, printed by rank 0 only
+    assert MoEForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == TINY["num_experts"]
 
 
 @pytest.mark.parametrize(

@@ -335,13 +335,15 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
 
 def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True) -> str:
     mib = 2**20
+    batched = "batched_mm" in args.implementations  # its two columns at the end, only when it was asked for
     lines = []
     if header:
         lines += [
             "| experts | k | tokens | moe_fused tok/s | dense tok/s | fused / dense | grouped_mm / dense | eager / dense "
             "| fused speed-up vs grouped_mm | vs eager | saved for bwd MiB (incl. weights): dense / fused / fused+recompute "
-            "| recompute time / fused | peak MiB added by forward+backward: dense / fused / fused+recompute / grouped_mm |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+            "| recompute time / fused | peak MiB added by forward+backward: dense / fused / fused+recompute / grouped_mm |"
+            + (" batched_mm / dense | fused speed-up vs batched_mm |" if batched else ""),
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|" + ("---:|---:|" if batched else ""),
         ]
     for row in rows:
         t, mem = row["times"], row["memory"]
@@ -363,6 +365,9 @@ def _layer_table(rows: list[dict], args: argparse.Namespace, header: bool = True
             f"| {_fmt(grouped / fused if grouped else None)} | {_fmt(eager / fused if eager else None)} "
             f"| {saved} | {row['recompute_time'] / fused:.2f} | {peak} |"
         )
+        if batched:
+            other = t.get("batched_mm")
+            lines[-1] += f" {_fmt(other / dense if other else None)} | {_fmt(other / fused if other else None)} |"
     return "\n".join(lines)
 
 
@@ -658,6 +663,10 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp's file is private (0600): give the result the permissions an ordinary new file gets (umask applied).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -622,7 +622,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 hub_dir, repo_id, token=training_args.hub_token, private=training_args.hub_private_repo
             )
 
-    if training_args.should_log:
+    # `should_log` holds on every node's first process; under expert parallelism only rank 0 has the whole model
+    # (`export_model` is None elsewhere), so the other nodes print nothing rather than fail at the end of the run.
+    if training_args.should_log and export_model is not None:
         print("\n" + format_table(summary_rows(metrics, export_model.config, counts)) + "\n")
         if sample is not None:
             print(f"Sample ({run_args.sample_prompt!r}, sampled):\n{sample}\n")

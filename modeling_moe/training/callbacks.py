@@ -99,6 +99,8 @@ class ExpertBalanceCallback(TrainerCallback):
 
     def _pop(self, training: bool) -> tuple[dict[str, float], list[list[float]]]:
         stats = self._stats[training]
+        if self._model is not None:
+            _sum_statistics_over_ranks(stats, len(moe_layer_indices(self._model)), self._model.config.num_experts)
         tokens = stats.tokens_per_expert_by_layer()
         summary = stats.pop(moe_layer_indices(self._model)) if self._model is not None else {}
         total, count = _sum_over_ranks(self._lm_loss[training])
@@ -183,6 +185,61 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _sum_statistics_over_ranks(stats: ExpertStatistics, num_layers: int, num_experts: int) -> None:
+    """Replace `stats` by its sums over the ranks of a multi-process run (every rank logs the same steps, so all of
+    them call it), so that the logged statistics cover every rank's tokens.
+
+    Evaluation forwards (no autograd, so `reduce_router_statistics` leaves them local), `router_statistics_scope=
+    "local"` and the token counts hold each rank's own batch; summed, they are the run's. Importance and Load that
+    training already summed over the ranks come back multiplied by the world size, which leaves their CVs and max/mean
+    Load unchanged. The losses become the mean per forward over all ranks.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    zeros = torch.zeros(num_experts, dtype=torch.float64, device=device)
+    have = stats.num_forwards > 0  # a rank without forwards since the last log adds zeros
+
+    def vector(values: list[torch.Tensor], layer: int) -> torch.Tensor:
+        return values[layer].to(device=device, dtype=torch.float64) if have else zeros
+
+    parts = [
+        torch.tensor(
+            [stats.num_forwards, float(stats.importance_loss), float(stats.load_loss)],
+            dtype=torch.float64,
+            device=device,
+        )
+    ]
+    for layer in range(num_layers):
+        parts += [vector(stats.importance, layer), vector(stats.load, layer), vector(stats.tokens_per_expert, layer)]
+        dropped = stats.dropped_tokens.get(layer)
+        agreement_total, agreement_count = stats.threshold_agreement.get(layer, (0.0, 0))
+        optional = [dropped is not None, 0.0 if dropped is None else float(dropped)]
+        optional += [float(agreement_total), agreement_count]
+        parts.append(torch.tensor(optional, dtype=torch.float64, device=device))
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    num_forwards = int(flat[0])
+    stats.reset()
+    if num_forwards == 0:
+        return
+    stats.num_forwards = num_forwards
+    stats.importance_loss, stats.load_loss = flat[1].float(), flat[2].float()
+    position = 3
+    for layer in range(num_layers):
+        importance, load, tokens, optional = flat[position : position + 3 * num_experts + 4].split(
+            [num_experts, num_experts, num_experts, 4]
+        )
+        position += 3 * num_experts + 4
+        stats.importance.append(importance.float())
+        stats.load.append(load.float())
+        stats.tokens_per_expert.append(tokens.float())
+        if optional[0] > 0:
+            stats.dropped_tokens[layer] = optional[1]
+        if optional[3] > 0:
+            stats.threshold_agreement[layer] = (optional[2], int(optional[3]))
 
 
 def add_expert_balance_callback(trainer: Trainer, output_dir: str | None = None) -> ExpertBalanceCallback:
