@@ -541,6 +541,14 @@ def test_benchmark_rejects_bad_arguments(tmp_path):
         timeout=60,
     )
     assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "gpu0", "--output-dir", tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "--device 'gpu0' is not a torch device" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_benchmark_tables_get_ordinary_file_permissions(tmp_path):

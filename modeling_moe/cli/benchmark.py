@@ -799,7 +799,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise SystemExit(
+            f"--device {args.device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {error}"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine.")
     dtype = DTYPES[args.dtype]
