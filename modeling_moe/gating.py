@@ -137,10 +137,10 @@ def reduce_router_statistics(
         raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}.")
     if (
         scope == "local"
-        or not (torch.is_grad_enabled() or _TRAINING_WITHOUT_AUTOGRAD.get())
         or not dist.is_available()
         or not dist.is_initialized()
         or dist.get_world_size(group) < 2
+        or not (torch.is_grad_enabled() or _TRAINING_WITHOUT_AUTOGRAD.get())  # last: `torch.compile` can't read it
     ):
         return statistics
     sizes = [t.numel() for t in statistics]

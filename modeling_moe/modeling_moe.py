@@ -377,7 +377,11 @@ class MoEDecoderLayer(GradientCheckpointingLayer):
             return residual + self.mlp(hidden_states), None, None, None
         # Reentrant checkpointing runs this first without autograd (every rank, in training): the statistics are still
         # summed over the ranks, so the returned losses are the global batch's as in the recomputation in backward.
-        with training_forward_without_autograd(self.gradient_checkpointing and self.training):
+        # (Entered only then: `torch.compile` cannot trace the context variable's update.)
+        if self.gradient_checkpointing and self.training:
+            with training_forward_without_autograd():
+                hidden_states, router_output = self.mlp(hidden_states, token_mask)
+        else:
             hidden_states, router_output = self.mlp(hidden_states, token_mask)
         return residual + hidden_states, router_output, router_output.importance_loss, router_output.load_loss
 
