@@ -560,7 +560,7 @@ def _worker_main(workdir: Path) -> None:
         aux_by_scope[scope] = plain(input_ids=input_ids, attention_mask=attention_mask).aux_loss.detach()
     # Reentrant gradient checkpointing runs the layers' first forward without autograd (and again in backward).
     plain = MoEForCausalLM.from_pretrained(workdir / "softmax_top_k").train()
-    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    plain.activation_checkpointing_enable({"use_reentrant": True})
     out = plain(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     out.loss.backward()
     aux_by_scope["global, reentrant checkpointing"] = out.aux_loss.detach()
