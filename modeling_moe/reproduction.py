@@ -15,7 +15,6 @@ import hashlib
 import math
 import os
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 # them), so a long run uses one consistent version of the package's source from start to end.
 # fast_experts registers the "moe_fused" experts implementation.
 from . import balanced_gating, fast_experts, hierarchical_gating  # noqa: F401
+from .cli.files import write_atomically
 from .configuration_moe import MoEConfig
 from .gating import cv_squared
 from .modeling_moe import MoEForCausalLM
@@ -404,20 +404,6 @@ def train_and_evaluate(
         flops_per_token=forward_flops_per_token(config, settings.seq_len),
         final_train_lm_loss=float(lm_loss_ema),
     )
-
-
-def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `path` in one step (temporary file, then rename), so a failed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(data)
-        temporary = handle.name
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # NamedTemporaryFile is private (0600); results are meant to be read
-    os.replace(temporary, path)
 
 
 def machine_description() -> str:

@@ -21,8 +21,8 @@ from modeling_moe.cli.benchmark import (
     add_layer_script_arguments,
     layer_and_dense,
     parse_layer_script_arguments,
-    write_text_atomically,
 )
+from modeling_moe.cli.files import write_atomically
 
 ONE_GROUP, WORKERS = "one group", "worker threads"
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(row)
         print(row, flush=True)
     text = "\n".join(lines) + "\n"
-    write_text_atomically(args.output, text)
+    write_atomically(args.output, text)
     return text
 
 

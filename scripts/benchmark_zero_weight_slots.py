@@ -22,8 +22,8 @@ from modeling_moe.cli.benchmark import (
     _median_times,
     add_layer_script_arguments,
     parse_layer_script_arguments,
-    write_text_atomically,
 )
+from modeling_moe.cli.files import write_atomically
 
 SKIPPED, COMPUTED = "skipped", "computed"
 ROUTERS = {
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(row)
             print(row, flush=True)
     text = "\n".join(lines) + "\n"
-    write_text_atomically(args.output, text)
+    write_atomically(args.output, text)
     return text
 
 

@@ -557,14 +557,25 @@ def test_benchmark_tables_get_ordinary_file_permissions(tmp_path):
     import os
     import stat
 
-    from modeling_moe.cli.benchmark import write_text_atomically
+    from modeling_moe.cli.files import write_atomically
 
     umask = os.umask(0o022)
     try:
-        write_text_atomically(tmp_path / "results" / "table.md", "| a |\n")
+        write_atomically(tmp_path / "results" / "table.md", "| a |\n")
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "results" / "table.md").stat().st_mode) == 0o644
+    assert (tmp_path / "results" / "table.md").read_text() == "| a |\n"
+    write_atomically(tmp_path / "results" / "plot.png", lambda tmp: Path(tmp).write_bytes(b"\x89PNG"))
+    assert (tmp_path / "results" / "plot.png").read_bytes() == b"\x89PNG"
+
+    def fails_halfway(tmp: str) -> None:
+        Path(tmp).write_text("half a tab")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # a failed write leaves neither a file nor a temporary one
+        write_atomically(tmp_path / "results" / "other.md", fails_halfway)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["plot.png", "table.md"]
 
 
 @pytest.mark.parametrize(

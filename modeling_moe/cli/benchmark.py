@@ -39,7 +39,6 @@ import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -52,6 +51,7 @@ from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, w
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
 from ..training.arguments import check_output_dir
 from .cpu_malloc import allocator_name, can_measure_resident_growth, malloc_for_measuring, peak_resident_growth
+from .files import write_atomically
 from .flop_count import training_step_flops
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -646,7 +646,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_title("MoE layer vs dense FFN with the same active parameters")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -655,28 +655,6 @@ def _groups(rows: list[dict]) -> dict[tuple[int, int], list[dict]]:
     for row in rows:
         groups.setdefault((row["k"], row["tokens"]), []).append(row)
     return groups
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, so a failed run leaves no half-written output."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp's file is private (0600): give the result the permissions an ordinary new file gets (umask applied).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """A table or report written whole or not at all (`_atomic_write`), its folder created if needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str]) -> None:
@@ -821,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
             "(variants interleaved, shuffled).\n\n"
             f"{_layer_table(rows, layer_args)}\n"
         )
-        write_text_atomically(args.output_dir / "benchmark_layer.md", text)
+        write_atomically(args.output_dir / "benchmark_layer.md", text)
         _plot(rows, args.output_dir / "benchmark_layer.png")
     if args.mode in ("model", "both"):
         model_args = argparse.Namespace(**vars(args))
@@ -835,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
             "FLOPs counted with torch's FlopCounterMode; one mm: (batch * seq_len, hidden) @ (hidden, k * expert "
             f"hidden), timed among the steps.\n\n{_model_table(rows)}\n"
         )
-        write_text_atomically(args.output_dir / "benchmark_model.md", text)
+        write_atomically(args.output_dir / "benchmark_model.md", text)
     if args.mode == "gemm":
         rows = run_gemm_benchmark(args, device, dtype)
         text = (
@@ -843,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.expert_hidden}) per expert, `tokens * k` rows spread evenly over the experts; median of "
             f"{args.repeats} repeats (variants interleaved, shuffled).\n\n{_gemm_table(rows)}\n"
         )
-        write_text_atomically(args.output_dir / "benchmark_gemm.md", text)
+        write_atomically(args.output_dir / "benchmark_gemm.md", text)
     print(f"wrote {args.output_dir}", flush=True)
 
 
