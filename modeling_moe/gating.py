@@ -109,11 +109,11 @@ _TRAINING_WITHOUT_AUTOGRAD = contextvars.ContextVar("moe_training_without_autogr
 
 
 @contextlib.contextmanager
-def training_forward_without_autograd(active: bool = True) -> Iterator[None]:
-    """Make `reduce_router_statistics` sum over the ranks inside this block even without autograd (`active=False`: no
-    change). For the first pass of reentrant gradient checkpointing, a training forward that every rank runs: without
-    it the losses and statistics that forward returns (the logged ones) would be each rank's own batch's."""
-    token = _TRAINING_WITHOUT_AUTOGRAD.set(active)
+def training_forward_without_autograd() -> Iterator[None]:
+    """Make `reduce_router_statistics` sum over the ranks inside this block even without autograd. For the first pass
+    of reentrant gradient checkpointing, a training forward that every rank runs: without it the losses and statistics
+    that forward returns (the logged ones) would be each rank's own batch's."""
+    token = _TRAINING_WITHOUT_AUTOGRAD.set(True)
     try:
         yield
     finally:

@@ -21,8 +21,8 @@ from modeling_moe.cli.benchmark import (
     add_layer_script_arguments,
     layer_and_dense,
     parse_layer_script_arguments,
+    print_and_write_table,
 )
-from modeling_moe.cli.files import write_atomically
 
 ONE_GROUP, WORKERS = "one group", "worker threads"
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> str:
     add_layer_script_arguments(parser, experts=[64, 256, 1024], output="benchmark_results/worker_threads.md")
     args = parse_layer_script_arguments(parser, argv)
     args.activation = "relu"
-    lines = [
+    heading = [
         f"MoE layer forward+backward, {_machine(torch.device('cpu'))}, {torch.get_num_threads()} intra-op threads, "
         f"float32, {args.tokens} tokens, k={args.top_k}, hidden {args.hidden}, expert hidden {args.expert_hidden}; "
         f"median of {args.repeats} repeats (variants interleaved, shuffled).",
@@ -75,18 +75,17 @@ def main(argv: list[str] | None = None) -> str:
         f"| experts | rows per expert | {ONE_GROUP} / dense | {WORKERS} / dense | speed-up of the {WORKERS} |",
         "|---:|---:|---:|---:|---:|",
     ]
-    print("\n".join(lines), flush=True)
-    for num_experts in args.experts:
-        times = time_layer(num_experts, args)
-        row = (
-            f"| {num_experts} | {args.tokens * args.top_k // num_experts} | {times[ONE_GROUP] / times['dense']:.2f} "
-            f"| {times[WORKERS] / times['dense']:.2f} | {times[ONE_GROUP] / times[WORKERS]:.2f} |"
-        )
-        lines.append(row)
-        print(row, flush=True)
-    text = "\n".join(lines) + "\n"
-    write_atomically(args.output, text)
-    return text
+
+    def rows() -> Iterator[str]:
+        for num_experts in args.experts:
+            times = time_layer(num_experts, args)
+            yield (
+                f"| {num_experts} | {args.tokens * args.top_k // num_experts} "
+                f"| {times[ONE_GROUP] / times['dense']:.2f} | {times[WORKERS] / times['dense']:.2f} "
+                f"| {times[ONE_GROUP] / times[WORKERS]:.2f} |"
+            )
+
+    return print_and_write_table(heading, rows(), args.output)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from modeling_moe.cli.benchmark import (
     _median_times,
     add_layer_script_arguments,
     parse_layer_script_arguments,
+    print_and_write_table,
 )
-from modeling_moe.cli.files import write_atomically
 
 SKIPPED, COMPUTED = "skipped", "computed"
 ROUTERS = {
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--hidden must be a multiple of 4 (two attention heads of an even size), got {args.hidden}")
     if any(args.top_k > n for n in args.experts):
         parser.error(f"--top-k ({args.top_k}) must be at most every --experts value, got {args.experts}")
-    lines = [
+    heading = [
         f"MoE layer forward+backward (moe_fused), {_machine(torch.device('cpu'))}, {torch.get_num_threads()} intra-op "
         f"threads, float32, {args.tokens} tokens, k={args.top_k}, hidden {args.hidden}, expert hidden "
         f"{args.expert_hidden}; median of {args.repeats} repeats (variants interleaved, shuffled).",
@@ -107,19 +107,17 @@ def main(argv: list[str] | None = None) -> str:
         f"| router | experts | slots | nonzero-weight slots | {COMPUTED} s | {SKIPPED} s | speed-up |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    print("\n".join(lines), flush=True)
-    for num_experts in args.experts:
-        for router in ROUTERS:
-            times, num_slots, nonzero = time_block(router, num_experts, args)
-            row = (
-                f"| {router} | {num_experts} | {num_slots} | {nonzero} | {times[COMPUTED]:.3f} | {times[SKIPPED]:.3f} "
-                f"| {times[COMPUTED] / times[SKIPPED]:.2f} |"
-            )
-            lines.append(row)
-            print(row, flush=True)
-    text = "\n".join(lines) + "\n"
-    write_atomically(args.output, text)
-    return text
+
+    def rows() -> Iterator[str]:
+        for num_experts in args.experts:
+            for router in ROUTERS:
+                times, num_slots, nonzero = time_block(router, num_experts, args)
+                yield (
+                    f"| {router} | {num_experts} | {num_slots} | {nonzero} | {times[COMPUTED]:.3f} "
+                    f"| {times[SKIPPED]:.3f} | {times[COMPUTED] / times[SKIPPED]:.2f} |"
+                )
+
+    return print_and_write_table(heading, rows(), args.output)
 
 
 if __name__ == "__main__":

@@ -534,19 +534,13 @@ def test_benchmark_gemm_mode_times_every_variant(tmp_path):
 
 
 def test_benchmark_rejects_bad_arguments(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--experts", "0", "--output-dir", tmp_path],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def run(*options: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *options, "--output-dir", tmp_path]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    result = run("--experts", "0")
     assert result.returncode != 0 and "--experts values must be positive, got [0]" in result.stderr
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "gpu0", "--output-dir", tmp_path],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run("--device", "gpu0")
     assert result.returncode != 0 and "--device 'gpu0' is not a torch device" in result.stderr
     assert "Traceback" not in result.stderr
 

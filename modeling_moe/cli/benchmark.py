@@ -680,6 +680,19 @@ def add_layer_script_arguments(parser: argparse.ArgumentParser, experts: list[in
     parser.add_argument("--output", type=Path, default=Path(output))
 
 
+def print_and_write_table(heading: list[str], rows: Iterable[str], output: Path) -> str:
+    """Print a table's `heading`, then each of its `rows` as it is measured (a long sweep shows its progress), then
+    write the whole table to `output` (atomically); returns the table's text. For the layer scripts in `scripts/`."""
+    lines = list(heading)
+    print("\n".join(lines), flush=True)
+    for row in rows:
+        lines.append(row)
+        print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    write_atomically(output, text)
+    return text
+
+
 def parse_layer_script_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse `add_layer_script_arguments`' options, every count checked to be positive."""
     args = parser.parse_args(argv)

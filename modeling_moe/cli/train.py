@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from transformers import (
 )
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from ..configuration_moe import MoEConfig
 from ..expert_parallel import (
@@ -68,6 +67,7 @@ from ..training.callbacks import unwrap_moe_model
 from ..training.data import (
     DEFAULT_CORPUS_NAME,
     MIN_BPE_VOCAB_SIZE,
+    check_validation_split_percentage,
     first_samples,
     iter_texts,
     load_raw_datasets,
@@ -101,6 +101,11 @@ _EP_INIT_DIR = ".ep-init"
 _EP_STAGING_DIR = ".tmp-save-ep"
 # Vocabulary of the BPE trained from scratch when neither the config file nor `--tokenizer_vocab_size` sets one.
 DEFAULT_BPE_VOCAB_SIZE = 8192
+
+
+def _config_vocab_size(config_fields: dict[str, Any] | None) -> int:
+    """The vocabulary of the BPE trained from scratch for `config_fields` (a `--config` run's): its `vocab_size`."""
+    return int((config_fields or {}).get("vocab_size", DEFAULT_BPE_VOCAB_SIZE))
 
 
 def save_atomically(save: Any, output_dir: str) -> None:
@@ -197,10 +202,7 @@ def check_arguments(
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("`--streaming` needs `--max_steps` (a streamed dataset has no length).")
     check_minimums(data_args, {"block_size": 2, "max_train_samples": 1, "max_eval_samples": 1})
-    if not 0 < data_args.validation_split_percentage < 100:
-        raise ValueError(
-            f"`validation_split_percentage` must be in (0, 100), got {data_args.validation_split_percentage}."
-        )
+    check_validation_split_percentage(data_args.validation_split_percentage)
     check_minimums(model_args, {"tokenizer_vocab_size": MIN_BPE_VOCAB_SIZE, "tokenizer_train_max_chars": 1})
     if run_args.lora:
         check_minimums(run_args, {"lora_r": 1})
@@ -218,7 +220,7 @@ def check_arguments(
         max_positions = MoEConfig(**fields).max_position_embeddings  # bad values fail here, naming the field
         if model_args.tokenizer_name is None and model_args.tokenizer_vocab_size is None:
             # The BPE trained from scratch gets the config's vocab_size.
-            vocab_size = int(fields.get("vocab_size", DEFAULT_BPE_VOCAB_SIZE))
+            vocab_size = _config_vocab_size(fields)
             if vocab_size < MIN_BPE_VOCAB_SIZE:
                 raise ValueError(
                     f"`vocab_size` {vocab_size} ({source} / `config_overrides`) is too small for the byte-level BPE "
@@ -290,22 +292,18 @@ def setup_expert_parallel(
 def _last_complete_checkpoint(output_dir: str) -> str:
     """The newest `checkpoint-<step>` of `output_dir` that Trainer finished writing (`trainer_state.json` is written
     last): a run killed while saving leaves a newer, partial one, which is skipped with a warning."""
-    steps = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-            if match and os.path.isdir(os.path.join(output_dir, name)):
-                steps.append((int(match.group(1)), name))
     partial = []
-    for _, name in sorted(steps, reverse=True):
-        path = os.path.join(output_dir, name)
+    for path in reversed(sort_checkpoints(output_dir) if os.path.isdir(output_dir) else []):
         if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
             if partial:
                 logger.warning(
-                    "Resuming from %s: skipped the partly written %s (no %s).", name, partial, TRAINER_STATE_NAME
+                    "Resuming from %s: skipped the partly written %s (no %s).",
+                    os.path.basename(path),
+                    partial,
+                    TRAINER_STATE_NAME,
                 )
             return path
-        partial.append(name)
+        partial.append(os.path.basename(path))
     found = f" (only partly written ones, without {TRAINER_STATE_NAME}: {partial})" if partial else ""
     raise ValueError(f"`resume_from_checkpoint`: no complete checkpoint found in {output_dir!r}{found}.")
 
@@ -514,9 +512,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     text_column = resolve_text_column(raw["train"], data_args.text_column_name)
     resolve_text_column(raw["validation"], text_column)
-    target_vocab = (
-        int(config_fields.get("vocab_size", DEFAULT_BPE_VOCAB_SIZE)) if config_fields else DEFAULT_BPE_VOCAB_SIZE
-    )
+    target_vocab = _config_vocab_size(config_fields)
     init_dir = os.path.join(training_args.output_dir, _EP_INIT_DIR)
     if expert_parallel > 1:
         # Every rank must use the same tokenizer (and so the same vocab_size): rank 0 builds (or trains) it and writes

@@ -177,11 +177,18 @@ def _checkpoint_dir(args: TrainingArguments, state: TrainerState) -> str:
     return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
+def _collective_device() -> torch.device | None:
+    """The device this run's collectives take their tensors on; None outside a multi-process run."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _sum_over_ranks(values: list[float]) -> list[float]:
     """`values` summed over the ranks of a multi-process run (every rank logs the same steps, so all of them call it)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    device = _collective_device()
+    if device is None:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
@@ -196,9 +203,9 @@ def _sum_statistics_over_ranks(stats: ExpertStatistics, num_layers: int, num_exp
     training already summed over the ranks come back multiplied by the world size, which leaves their CVs and max/mean
     Load unchanged. The losses become the mean per forward over all ranks.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    device = _collective_device()
+    if device is None:
         return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     zeros = torch.zeros(num_experts, dtype=torch.float64, device=device)
     have = stats.num_forwards > 0  # a rank without forwards since the last log adds zeros
 

@@ -65,6 +65,12 @@ def check_data_file(path: str, argument: str) -> str:
     return _EXTENSIONS[extension]
 
 
+def check_validation_split_percentage(percentage: int) -> None:
+    """The share of `train` split off as validation when a dataset has none must leave both splits non-empty."""
+    if not 0 < percentage < 100:
+        raise ValueError(f"`validation_split_percentage` must be in (0, 100), got {percentage}.")
+
+
 def load_raw_datasets(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -116,8 +122,7 @@ def load_raw_datasets(
             raise ValueError(
                 "A streamed dataset needs its own validation split: pass `validation_file` or a dataset with one."
             )
-        if not 0 < validation_split_percentage < 100:
-            raise ValueError(f"`validation_split_percentage` must be in (0, 100), got {validation_split_percentage}.")
+        check_validation_split_percentage(validation_split_percentage)
         raw["validation"] = load_dataset(split=f"train[:{validation_split_percentage}%]", **split_source, **load_kwargs)
         raw["train"] = load_dataset(split=f"train[{validation_split_percentage}%:]", **split_source, **load_kwargs)
     return raw
