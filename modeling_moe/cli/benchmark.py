@@ -21,7 +21,7 @@ Gemm mode: the shrinking batch alone (SPEC §6): the experts' up-projection matm
 each, as per-expert `mm`s, one `bmm` and one `grouped_mm`, and on a CPU the `mm`s and the `bmm` shared out over worker
 threads as `moe_fused` shares out its blocks, in GFLOP/s against one `mm` of all rows by one weight.
 
-    moe-bench --quick                       # tiny sizes, a few seconds
+    moe-bench --quick                       # tiny sizes, under a minute on 2 CPU cores
     moe-bench --experts 8 64 256 1024 --top-k 4 --tokens 4096 --device cpu
     moe-bench --mode model --device cuda --dtype bfloat16
     moe-bench --mode gemm --experts 64 256 1024 --top-k 4 --tokens 4096
@@ -707,7 +707,7 @@ def _machine(device: torch.device) -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {allocator_name()}"
 
 
-# `--quick`: a smoke run of a few seconds.
+# `--quick`: a smoke run (under a minute on 2 CPU cores, mostly starting the peak-memory processes).
 QUICK_VALUES = dict(
     experts=[4, 16],
     top_k=[2],
@@ -757,7 +757,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny sizes and 2 repeats for every option not given: a smoke run of a few seconds",
+        help="tiny sizes and 2 repeats for every option not given: a smoke run (under a minute on 2 CPU cores)",
     )
     args = parser.parse_args(argv)
     if args.quick:  # quick sizes as the defaults: the options given on the command line keep their values
