@@ -23,6 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -727,6 +728,14 @@ class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
             router_outputs=outputs.router_outputs,
         )
+
+
+# Trainer's label smoothing (`label_smoothing_factor`) shifts the labels by one only for the class names of this table
+# of built-in causal LMs (models registered with `AutoModelForCausalLM.register` are not looked up); without the entry
+# it smoothed an unshifted loss, every position trained to predict its own input token. Added here, with the model, so
+# that the remote-code copy adds it too. The table is read only for model types with a built-in config, so the entry
+# changes no auto-class lookup. (It also lets Trainer's model card tag the model "text-generation".)
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(MoEConfig.model_type, MoEForCausalLM.__name__)
 
 
 __all__ = ["MoEForCausalLM", "MoEModel", "MoEPreTrainedModel"]

@@ -457,6 +457,21 @@ def test_trainer_trains_and_predicts_logits(tmp_path):
     assert prediction.metrics["test_loss"] > 0
 
 
+def test_trainer_label_smoothing_shifts_the_labels_as_for_built_in_causal_lms(tmp_path):
+    # With `label_smoothing_factor`, Trainer computes the loss itself and shifts the labels by one only for the causal
+    # LMs it knows by name: OLMoE is one; ours must be one too, or every position learns to copy its own input token.
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    for model, ids in ((tiny_olmoe().eval(), _ids(vocab=64)), (_model(), _ids())):
+        trainer = Trainer(model=model, args=args)
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids.clone()})
+            outputs = model(input_ids=ids)
+        assert torch.allclose(loss, LabelSmoother(0.1)(outputs, ids, shift_labels=True)), type(model).__name__
+
+
 def test_balancing_losses_are_weighted_like_the_lm_loss_under_gradient_accumulation():
     model = _model().eval()
     ids = _ids()
