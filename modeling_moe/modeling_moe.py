@@ -7,6 +7,7 @@ and load balancing losses of SPEC.md §2-§3. The file travels to the Hub as rem
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -17,7 +18,9 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching import PagedAttentionCache
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeModelOutputWithPast
@@ -47,6 +50,12 @@ from .gating import (
 # on either: it accepts both argument names, hands the cache to its decoder layers under the installed library's name
 # (which gradient checkpointing looks for, to drop it) and returns it under that output field.
 CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# Continuous batching (`generate_batch`, `transformers serve`) hands the model its paged KV cache as `cache`. Before
+# transformers 5.24 the attention functions update that cache themselves (they take it as their `cache` keyword); from
+# 5.24 on the attention layer updates it, with the attention kwargs, which it fills in place (read and write indices).
+ATTENTION_UPDATES_PAGED_CACHE = "cache" in inspect.signature(sdpa_attention_forward).parameters
 
 
 def _resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -181,8 +190,10 @@ class MoEAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        if ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
+            kwargs["cache"] = cache
+        elif cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -376,6 +376,28 @@ def test_left_padded_batch_generation_matches_each_example_alone():
     assert torch.equal(together[1, 6:], model.generate(second, **settings)[0, 4:])
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_continuous_batching_matches_greedy_generation(attn_implementation):
+    # `generate_batch` (and `transformers serve`) hand the model a paged KV cache as `cache`, which the attention layer
+    # (transformers >= 5.24) or the paged attention function (earlier) updates; as OLMoE does, each request's tokens
+    # must be those of plain greedy generation.
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = _model()
+    model.set_attn_implementation(attn_implementation)
+    prompts = [_ids(batch=1, length=length, seed=length)[0].tolist() for length in (9, 5, 12)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # A small paged cache: sized from the free memory, it takes seconds to set up.
+    paged = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=64)
+    outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=paged, warmup=False)
+    results = {tuple(output.prompt_ids): output for output in outputs.values()}
+    for prompt in prompts:
+        result = results[tuple(prompt)]
+        assert result.error is None
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert result.generated_tokens == greedy[0, len(prompt) :].tolist()
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     """Reentrant checkpointing runs a layer without autograd and reconnects only the tensors of its output tuple: the
