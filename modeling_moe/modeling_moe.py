@@ -55,7 +55,7 @@ CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ e
 # Continuous batching (`generate_batch`, `transformers serve`) hands the model its paged KV cache as `cache`. Before
 # transformers 5.24 the attention functions update that cache themselves (they take it as their `cache` keyword); from
 # 5.24 on the attention layer updates it, with the attention kwargs, which it fills in place (read and write indices).
-ATTENTION_UPDATES_PAGED_CACHE = "cache" in inspect.signature(sdpa_attention_forward).parameters
+ATTENTION_FUNCTION_UPDATES_PAGED_CACHE = "cache" in inspect.signature(sdpa_attention_forward).parameters
 
 
 def _resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -190,7 +190,7 @@ class MoEAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if ATTENTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
+        if ATTENTION_FUNCTION_UPDATES_PAGED_CACHE and isinstance(cache, PagedAttentionCache):
             kwargs["cache"] = cache
         elif cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
