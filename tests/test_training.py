@@ -114,6 +114,34 @@ def test_from_scratch_logs_balance_and_heatmap(scratch_run):
     assert {"train/lm_loss", "train/importance_loss", "train/load_loss"} <= tags
 
 
+def test_label_smoothing_keeps_the_balancing_losses(tmp_path):
+    # With `--label_smoothing_factor`, Trainer would compute the loss from the logits alone and drop the importance and
+    # load losses (SPEC §3); moe-train's Trainer smooths the model's LM loss instead, whose loss keeps them.
+    from transformers import TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from modeling_moe.training.evaluation import build_trainer
+
+    torch.manual_seed(0)
+    model = MoEForCausalLM(MoEConfig(**TINY)).eval()
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[], use_cpu=True)
+    trainer, _ = build_trainer(model, args, tokenizer=None)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    counted = (labels[:, 1:] != -100).sum()
+    with torch.no_grad():
+        outputs = model(input_ids=ids)
+        assert outputs.aux_loss > 0
+        # Alone, and as one micro-batch of an accumulated step of 40 labels (its balancing losses weighted by its share).
+        for num_items_in_batch, share in ((None, 1.0), (torch.tensor(40), counted / 40)):
+            loss = trainer.compute_loss(
+                model, {"input_ids": ids, "labels": labels}, num_items_in_batch=num_items_in_batch
+            )
+            smoothed = LabelSmoother(0.1)(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+            torch.testing.assert_close(loss, smoothed + outputs.aux_loss * share)
+
+
 def test_cpu_training_keeps_freed_memory(scratch_run):
     # tests/test_cpu_malloc.py measures what it does; here: moe-train does it by default on a CPU
     _, result = scratch_run

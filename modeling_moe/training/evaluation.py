@@ -12,6 +12,7 @@ import torch
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from .callbacks import ExpertBalanceCallback, add_expert_balance_callback
+from .label_smoothing import smooth_labels_in_the_model
 
 ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics", "accuracy")
 
@@ -134,7 +135,8 @@ def build_trainer(
     """The `Trainer` of `moe-train` and `moe-eval`: perplexity/accuracy metrics and the expert-balance callback.
 
     Trainer.evaluate gathers only the logits: the model config's `keys_to_ignore_at_inference` lists every other output
-    (router outputs, balancing losses).
+    (router outputs, balancing losses). A `label_smoothing_factor` smooths the model's LM loss, so the balancing losses
+    stay in the loss.
     """
     trainer = Trainer(
         model=model,
@@ -144,4 +146,5 @@ def build_trainer(
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         **trainer_kwargs,
     )
+    smooth_labels_in_the_model(trainer)
     return trainer, add_expert_balance_callback(trainer)
