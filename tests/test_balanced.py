@@ -138,6 +138,40 @@ def test_evaluation_routes_each_token_by_thresholds_alone():
     assert torch.allclose(weights.sum(-1), torch.ones(20))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_padding_is_left_out_of_the_statistics(training):
+    """SPEC §3/§5: Importance(X), Load(X) and the token counts are over the non-padding tokens, in evaluation too,
+    where padding tokens are still routed (by the thresholds) but must not count."""
+    router = _router().train(training)
+    x = torch.randn(15, 8, generator=torch.Generator().manual_seed(5))
+    valid = [t % 4 != 1 for t in range(15)]
+    _, weights, index, out = router(x, torch.tensor(valid, dtype=torch.long))
+    _, batch, batch_gates, inference, inference_gates, _, _ = _reference(router, x, valid)
+    mask, gates = (batch, batch_gates) if training else (inference, inference_gates)
+    real = [t for t in range(15) if valid[t]]
+    assert torch.allclose(out.importance, torch.tensor([gates[t] for t in real]).sum(0), atol=1e-5)
+    counts = torch.tensor([mask[t] for t in real]).float().sum(0)
+    assert torch.equal(out.tokens_per_expert, counts) and torch.equal(out.load, counts)
+    if not training:
+        assert (_dense(index, weights, 6)[[t for t in range(15) if not valid[t]]] > 0).any()  # padding is routed
+    # The same statistics as for the real tokens alone.
+    alone = router(x[torch.tensor(valid)])[3]
+    for field in ("importance", "load", "tokens_per_expert", "importance_loss", "load_loss", "threshold_agreement"):
+        assert torch.allclose(getattr(out, field), getattr(alone, field), atol=1e-5), field
+
+
+def test_a_logit_equal_to_its_threshold_does_not_pass_it():
+    """SPEC §5: M_threshold(x, T)_i = 1 if (x W_g)_i > T_i, strictly."""
+    router = BalancedRouter(1, 3, 1).eval()
+    with torch.no_grad():
+        router.weight.fill_(1.0)  # every expert's logit is x
+        router.threshold.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    _, weights, index, _ = router(torch.tensor([[1.0], [2.0]]))
+    rows = zip(index.tolist(), weights.tolist(), strict=True)
+    chosen = [{e for e, w in zip(experts, gates, strict=True) if w > 0} for experts, gates in rows]
+    assert chosen == [{2}, {0, 2}]
+
+
 def test_balanced_config_and_initialisation():
     with pytest.raises(ValueError, match="`batchwise_loss_coef` must be a finite number >= 0, got -1.0"):
         tiny_config(router_type="balanced", batchwise_loss_coef=-1.0)

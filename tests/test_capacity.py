@@ -4,6 +4,7 @@ tokens carried by the residual alone, nothing dropped without a capacity, statis
 import contextlib
 import importlib.util
 import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,31 @@ def test_model_drops_exactly_what_the_queue_says_and_the_residual_carries_skippe
     assert int(evaluated.router_outputs[0].dropped_tokens) == 0
     reference = _model().eval()
     assert torch.equal(evaluated.logits, reference(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_hierarchical_capacity_counts_every_expert_a_token_takes():
+    """With the hierarchical router a token takes k1 * k2 experts (`experts_per_token`), so an expert's capacity is
+    ceil(factor * k1 * k2 * |X| / n), and the model drops exactly what the queue with that capacity drops."""
+    ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    model = _model(
+        router_type="hierarchical",
+        num_experts=12,
+        num_expert_groups=3,
+        num_groups_per_tok=2,
+        expert_capacity_factor=1.0,
+    ).train()
+    captured = {}
+    model.model.layers[1].mlp.gate.register_forward_hook(
+        lambda module, args, out: captured.update(index=out[2], weights=out[1])
+    )
+    router_output = model(input_ids=ids, attention_mask=mask).router_outputs[0]
+    capacity = math.ceil(1.0 * (2 * 2) * 17 / 12)  # 6; k = 2 alone would give 3
+    valid = mask.reshape(-1).bool().tolist()
+    keep, expected, taken = _brute_force(captured["index"].tolist(), captured["weights"].tolist(), valid, 12, capacity)
+    assert expected > 0 and int(router_output.dropped_tokens) == expected
+    assert router_output.tokens_per_expert.tolist() == taken and max(taken) == capacity
 
 
 def test_without_capacity_nothing_is_dropped():

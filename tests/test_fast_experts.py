@@ -293,6 +293,26 @@ def test_cuda_grouped_mm_branch_matches_eager(cuda_branch_on_cpu, activation, ca
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_cuda_grouped_mm_branch_zeroes_the_weight_gradients_of_experts_without_rows(
+    cuda_branch_on_cpu, monkeypatch, activation
+):
+    """A grouped kernel need not write the output groups that have no rows (the CPU reference kernel writes zeros, a
+    CUDA kernel may leave what the memory held): the weight gradients of the experts no token reached are still 0."""
+    grouped_mm = torch.nn.functional.grouped_mm  # the fixture's counting wrapper
+
+    def leaves_empty_groups_unwritten(a, b, *args, offs, **kwargs):
+        out = grouped_mm(a, b, *args, offs=offs, **kwargs)
+        if out.dim() == 3:  # (groups, M, N): a weight gradient
+            out[torch.diff(offs, prepend=offs.new_zeros(1)) == 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", leaves_empty_groups_unwritten)
+    experts = _experts(activation)
+    index, weights = _routing(21, 6, 2, experts_used=3)  # experts 3..5 get no row
+    _assert_matches_eager(experts, torch.randn(21, 16), index, weights)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_cuda_grouped_mm_branch_in_bf16_is_close(cuda_branch_on_cpu, activation):
     _assert_bf16_close(activation)
     assert cuda_branch_on_cpu

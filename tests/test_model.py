@@ -251,6 +251,44 @@ def test_expert_statistics_are_reported():
     assert model.pop_expert_statistics() == {}  # popped
 
 
+def test_expert_statistics_sum_over_the_forwards_since_the_last_pop():
+    """Between two logs the statistics describe every token seen: Importance, Load, token counts and dropped
+    assignments are summed over the forwards, the CVs and max/mean load are those of the sums, and the losses are the
+    mean per forward."""
+    model = _model(expert_capacity_factor=0.5).train()  # capacity 4 for 40 assignments over 6 experts: drops
+    outputs = [model(input_ids=_ids(seed=seed)).router_outputs[0] for seed in (1, 2, 3)]
+    assert all(int(out.dropped_tokens) > 0 for out in outputs)
+    tokens = model.expert_statistics.tokens_per_expert_by_layer()
+    summary = model.pop_expert_statistics()
+    importance, load, counts = (
+        [sum(getattr(out, f)[e].item() for out in outputs) for e in range(6)]
+        for f in ("importance", "load", "tokens_per_expert")
+    )
+    assert tokens == [counts]
+    for loss in ("importance_loss", "load_loss"):
+        assert summary[loss] == pytest.approx(sum(getattr(out, loss).item() for out in outputs) / 3, rel=1e-5)
+    assert summary["layer_1/cv_importance"] == pytest.approx(_cv(importance), rel=1e-5)
+    assert summary["layer_1/cv_load"] == pytest.approx(_cv(load), rel=1e-5)
+    assert summary["layer_1/max_mean_load"] == pytest.approx(max(load) / (sum(load) / 6), rel=1e-5)
+    assert summary["layer_1/dropped_tokens"] == sum(int(out.dropped_tokens) for out in outputs)
+
+
+def test_router_statistics_of_a_cached_step_take_the_new_tokens_flags_from_the_end_of_the_mask():
+    """A 2-D attention mask covers the cached tokens and the new ones, so the new tokens' padding flags are its last
+    columns (SPEC §3: padding is left out of Importance and Load), whatever padding the cached part holds."""
+    model = _model()
+    ids = _ids(batch=2, length=8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, all of it in the cached part
+    prefix = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+    step = model(input_ids=ids[:, 5:], attention_mask=mask, use_cache=True, **{CACHE_NAME: getattr(prefix, CACHE_NAME)})
+    full = model(input_ids=ids, attention_mask=mask).router_outputs[0]
+    (prefix_stats,), (step_stats,) = prefix.router_outputs, step.router_outputs
+    assert step_stats.tokens_per_expert.sum() == 2 * 3 * 2  # all 2 x 3 new tokens, k = 2 experts each
+    assert torch.equal(prefix_stats.tokens_per_expert + step_stats.tokens_per_expert, full.tokens_per_expert)
+    assert torch.allclose(prefix_stats.importance + step_stats.importance, full.importance, atol=1e-5)
+
+
 def test_evaluation_is_deterministic_and_training_routes_differently():
     model = _model()
     ids = _ids()
