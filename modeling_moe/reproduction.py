@@ -415,10 +415,18 @@ def machine_description() -> str:
     )
 
 
-def add_common_arguments(parser, default_output_dir: str, script_defaults: dict | None = None) -> None:
+RESULTS_DIR = "docs/results"  # the committed results of the full runs
+QUICK_RESULTS_DIR = "runs/reproduction-quick"  # a smoke test never overwrites them
+
+
+def add_common_arguments(parser, script_defaults: dict | None = None) -> None:
     """Command-line options shared by the reproduction scripts (the model and budget of `TrainSettings`)."""
     defaults = TrainSettings(**(script_defaults or {}))
-    parser.add_argument("--output_dir", default=default_output_dir, help="Where the table, JSON (and plot) go.")
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help=f"Where the table, JSON (and plot) go (default {RESULTS_DIR}, or {QUICK_RESULTS_DIR} with --quick).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny settings: a smoke test that runs in seconds.")
     parser.add_argument("--steps", type=int, default=None, help=f"Training steps per model (default {defaults.steps}).")
     parser.add_argument("--batch_size", type=int, default=None, help=f"Sequences per step ({defaults.batch_size}).")
@@ -457,7 +465,7 @@ QUICK_CORPUS_BYTES = 400_000
 
 def settings_from_args(args, script_defaults: dict | None = None) -> tuple[TrainSettings, int | None]:
     """`TrainSettings` (`TrainSettings` defaults updated with the script's, or the quick ones) with the command line's
-    overrides, and the corpus limit."""
+    overrides, and the corpus limit. Resolves the default `args.output_dir`."""
     values = dict(QUICK_SETTINGS) if args.quick else dict(script_defaults or {})
     for name in ("steps", "batch_size", "seq_len", "hidden_size", "expert_intermediate_size", "learning_rate"):
         if getattr(args, name) is not None:
@@ -468,6 +476,8 @@ def settings_from_args(args, script_defaults: dict | None = None) -> tuple[Train
     if args.threads < 1:
         raise ValueError(f"`--threads` must be a positive integer, got {args.threads!r}.")
     settings = TrainSettings(**values)
+    if args.output_dir is None:
+        args.output_dir = QUICK_RESULTS_DIR if args.quick else RESULTS_DIR
     check_output_dir(args.output_dir)  # before the models train, not when the results are written
     torch.set_num_threads(args.threads)
     max_bytes = (

@@ -76,7 +76,7 @@ def noisy_routing_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, default_output_dir="docs/results")
+    add_common_arguments(parser)
     parser.add_argument(
         "--num_experts", type=int, default=None, help=f"Experts in the MoE layer (default {DEFAULT_NUM_EXPERTS})."
     )

@@ -132,7 +132,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, default_output_dir="docs/results", script_defaults=SCRIPT_DEFAULTS)
+    add_common_arguments(parser, script_defaults=SCRIPT_DEFAULTS)
     args = parser.parse_args(argv)
     settings, max_bytes = settings_from_args(args, SCRIPT_DEFAULTS)
 

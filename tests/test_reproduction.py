@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -11,17 +12,29 @@ import torch
 
 from modeling_moe import MoEForCausalLM
 from modeling_moe.reproduction import (
+    QUICK_RESULTS_DIR,
+    RESULTS_DIR,
     TrainSettings,
+    add_common_arguments,
     evaluate,
     forward_flops_per_token,
     is_validation_file,
     load_corpus,
     model_config,
     parameter_counts,
+    settings_from_args,
     stdlib_source_files,
 )
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(autouse=True)
+def keep_the_thread_count():
+    """The scripts set torch's thread count (`--threads`, default 1): give the later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _load_script(name: str):
@@ -91,6 +104,24 @@ def test_bad_script_arguments_raise_before_any_training(tmp_path, monkeypatch, s
     if script == "reproduce_balancing":  # 0 is a value, not "use the default"
         with pytest.raises(ValueError, match="`--num_experts` must exceed k=4 .*, got 0"):
             module.main(["--quick", "--num_experts", "0", "--output_dir", str(tmp_path)])
+
+
+def test_quick_runs_default_to_a_folder_apart_from_the_committed_results(tmp_path, monkeypatch):
+    # A smoke test run with no --output_dir must not overwrite docs/results (the measured tables of the README).
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    monkeypatch.chdir(tmp_path)
+    for argv, expected in (
+        ([], RESULTS_DIR),
+        (["--quick"], QUICK_RESULTS_DIR),
+        (["--quick", "--output_dir", "x"], "x"),
+    ):
+        args = parser.parse_args(argv)
+        settings_from_args(args)
+        assert args.output_dir == expected
+    assert os.path.normpath(QUICK_RESULTS_DIR) != os.path.normpath(RESULTS_DIR)
 
 
 def test_dense_baseline_matches_moe_active_size():
