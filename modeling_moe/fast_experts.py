@@ -16,8 +16,9 @@ Backward needs only the expert hidden activations, kept per block, or nothing wi
 weight gradient is written once per expert straight into the gradient tensor (no full-size zero gradient per expert),
 and the routing-weight gradient `d w_{t,e} = <W_down[e]^T g_t, h_{t,e}>` needs no copy of the expert outputs.
 
-On CUDA in bf16 (SM80+, aligned strides), where `torch.nn.functional.grouped_mm` is one grouped kernel, all rows form a
-single block and each product is one `grouped_mm` call.
+On CUDA in bf16 where `torch.nn.functional.grouped_mm` is one grouped kernel (compute capability 9.x / 10.x, fewer than
+1024 experts, aligned strides: see `_grouped_mm_ok`), all rows form a single block and each product is one
+`grouped_mm` call, whose output is used as it is (the weight gradients included).
 
 It is registered in transformers' experts interface under `"moe_fused"`, so any class decorated with
 `@use_experts_implementation` (ours, or e.g. OLMoE's) can select it with
@@ -47,11 +48,23 @@ BLOCK_BYTES = 4 * 2**20
 _ZERO_FILL_BELOW_ROWS_PER_EXPERT = 64
 
 
+# torch's CUDA `_grouped_mm` (aten/src/ATen/native/cuda/GroupedBlas.cpp, GroupMM.cu) runs one CUTLASS grouped kernel
+# only for bf16 on compute capability 9.x and 10.x (`_scaled_mm_allowed_device(sm90_only, sm100_only)`), and that
+# kernel refuses 1024 groups or more ("Can't process more than 1024 groups": its set-up kernel has one thread per
+# group). Elsewhere (SM80/SM89/SM12x, other dtypes) `grouped_mm` is `_grouped_mm_fallback`: it copies `offs` to the
+# host and loops over the groups with `mm`, as `_SortedRouting.mm` does without the copy.
+_GROUPED_MM_CAPABILITY_MAJORS = (9, 10)
+_GROUPED_MM_MAX_GROUPS = 1023
+
+
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `grouped_mm(a, b)` is one fast grouped kernel: CUDA, bf16, SM80+, 16-byte aligned strides, pointers."""
-    if not hasattr(torch.nn.functional, "grouped_mm") or a.device.type != "cuda" or a.dtype != torch.bfloat16:
+    """Whether `grouped_mm(a, b)` (`b`: the `(groups, K, N)` weights) is one fast grouped kernel: CUDA, bf16, compute
+    capability 9.x / 10.x, at most `_GROUPED_MM_MAX_GROUPS` groups, 16-byte aligned strides and pointers."""
+    if not hasattr(torch.nn.functional, "grouped_mm") or a.device.type != "cuda":
         return False
-    if torch.cuda.get_device_capability(a.device) < (8, 0):
+    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[0] > _GROUPED_MM_MAX_GROUPS:
+        return False
+    if torch.cuda.get_device_capability(a.device)[0] not in _GROUPED_MM_CAPABILITY_MAJORS:
         return False
     align = 16 // a.element_size()
     for t in (a, b):
@@ -102,6 +115,11 @@ class _SortedRouting:
         self.pair = order[: self.num_rows]
         self.token = self.pair // self.top_k
         self.empty_experts = [e for e, c in enumerate(counts_list) if c == 0]
+        # The same on the device, made here, where `tolist` has just waited for the device: zeroing those experts'
+        # weight gradients in backward then copies nothing from the host (a copy that would wait for the device).
+        self.empty_index = (
+            torch.tensor(self.empty_experts, dtype=torch.long, device=counts.device) if self.empty_experts else None
+        )
         self.grouped = grouped
         # Low-precision weight gradients of experts larger than a block, summed in fp32 until their last block.
         self.partial_grads: dict[tuple[int, int], torch.Tensor] = {}
@@ -148,21 +166,28 @@ class _SortedRouting:
                 cuts.append(nearest[1])
         return [self.blocks[a:b] for a, b in zip(cuts, [*cuts[1:], len(self.blocks)], strict=True)]
 
-    def mm(self, rows: torch.Tensor, weight: torch.Tensor, block: _Block, out: torch.Tensor) -> torch.Tensor:
-        """Each row `(K,)` of the block times its expert's `weight[e]` `(K, N)`, into `out` `(block rows, N)`."""
+    def mm(
+        self, rows: torch.Tensor, weight: torch.Tensor, block: _Block, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each row `(K,)` of the block times its expert's `weight[e]` `(K, N)`: `(block rows, N)`, written into `out`
+        when given, else into a new tensor. Grouped, it is `grouped_mm`'s own output (`out` is not used): copying it
+        into `out` would add a pass over memory as long as a bandwidth-bound product's own."""
         if self.grouped:
-            return out.copy_(torch.nn.functional.grouped_mm(rows, weight, offs=self.offsets))
+            return torch.nn.functional.grouped_mm(rows, weight, offs=self.offsets)
+        if out is None:
+            out = rows.new_empty(rows.shape[0], weight.shape[-1])
         for segment in block.segments:
             torch.mm(rows[segment.start : segment.end], weight[segment.expert], out=out[segment.start : segment.end])
         return out
 
-    def weight_grad(self, a: torch.Tensor, b: torch.Tensor, block: _Block, grad: torch.Tensor) -> None:
-        """`grad[e] (+)= a_e^T @ b_e` over the block's rows `a` `(rows, M)`, `b` `(rows, N)`; `grad` `(n, M, N)`."""
+    def weight_grad(self, a: torch.Tensor, b: torch.Tensor, block: _Block, grad: torch.Tensor | None) -> torch.Tensor:
+        """`grad[e] (+)= a_e^T @ b_e` over the block's rows `a` `(rows, M)`, `b` `(rows, N)`; `grad` `(n, M, N)` from
+        `new_grad`. Returns the gradient: `grad`, or grouped (where `new_grad` gives None) `grouped_mm`'s own output."""
         if self.grouped:
-            grad.copy_(torch.nn.functional.grouped_mm(a.t(), b, offs=self.offsets))
+            grad = torch.nn.functional.grouped_mm(a.t(), b, offs=self.offsets)
             if self.empty_experts:  # not every grouped kernel writes the groups without rows
-                grad[self.empty_experts] = 0
-            return
+                grad.index_fill_(0, self.empty_index, 0)
+            return grad
         for s in block.segments:
             a_e, b_e = a[s.start : s.end].t(), b[s.start : s.end]
             # One matmul for an expert within one block; in fp32/fp64 an expert's later parts are added in place.
@@ -182,20 +207,24 @@ class _SortedRouting:
                     grad[s.expert].copy_(part)
                 else:
                     self.partial_grads[key] = part
+        return grad
 
-    def new_grad(self, weight: torch.Tensor) -> torch.Tensor:
-        """A gradient for `weight` `(n, M, N)`, to be written per expert; experts without rows get zero.
+    def new_grad(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A gradient for `weight` `(n, M, N)`, to be written per expert; experts without rows get zero. None when
+        grouped: `weight_grad` returns `grouped_mm`'s output, which is the whole gradient.
 
         With few rows per expert the weight-gradient matmuls are bound by writing the gradient's fresh pages, whose
         faults cost far less in one parallel zero-fill up front (1024 experts at 16 rows each: ~3.7x instead of ~4.3x
         the dense layer's time); with more rows that fill is an extra pass (64 experts at 256 rows: ~1.3x instead of
         ~1.16x; both measured single-threaded), so the matmuls write uninitialised memory. README, "Performance".
         """
+        if self.grouped:
+            return None
         if self.num_rows < _ZERO_FILL_BELOW_ROWS_PER_EXPERT * self.num_experts:
             return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
         grad = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
         if self.empty_experts:
-            grad[self.empty_experts] = 0
+            grad.index_fill_(0, self.empty_index, 0)
         return grad
 
 
@@ -350,7 +379,7 @@ def _up_and_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(what backward keeps, hidden activation) of a block's rows: for a plain ReLU the hidden activation twice (its
     derivative is `hidden > 0`), else the pre-activation `(rows, up width)` and the hidden activation."""
-    pre = routing.mm(x_rows, up_t, block, x_rows.new_empty(x_rows.shape[0], up_t.shape[-1]))
+    pre = routing.mm(x_rows, up_t, block)
     if relu:
         hidden = pre.relu_()  # relu'(pre) = (hidden > 0): the pre-activation is not needed
         return hidden, hidden
@@ -391,7 +420,7 @@ def _experts_forward(
             pre, hidden = _up_and_hidden(routing, block, x_rows, up_t, gated, act_fn, relu)
             if store:
                 stored.append(pre)
-            out = routing.mm(hidden, down_t, block, x_rows.new_empty(x_rows.shape[0], down_t.shape[-1]))
+            out = routing.mm(hidden, down_t, block)
             output.add(block, out.mul_(weights_rows[block.start : block.end, None]))
         return output, stored
 
@@ -437,7 +466,9 @@ class _FusedExperts(torch.autograd.Function):
         block_index = {block.start: index for index, block in enumerate(routing.blocks)}
 
         def backward_blocks(blocks: list[_Block]) -> _TokenSum | None:
-            # Groups write disjoint rows of grad_w_rows and disjoint experts of grad_up / grad_down.
+            # Groups write disjoint rows of grad_w_rows and disjoint experts of grad_up / grad_down. `weight_grad`
+            # returns the tensor it was given, except grouped (one block, one group), where it makes the gradient.
+            nonlocal grad_up, grad_down
             grad_x = _TokenSum(routing, hidden_states) if need_x else None
             for block in blocks:
                 tokens = routing.token[block.start : block.end]
@@ -452,14 +483,14 @@ class _FusedExperts(torch.autograd.Function):
                     hidden = _hidden(pre, ctx.gated, ctx.act_fn)
                 grad_rows = grad_output.index_select(0, tokens)  # dL/dy of each row's token
                 # d(down[e] h) / dh = down[e]^T g, before the routing weight: also gives dL/dw = <down[e]^T g, h>.
-                grad_hidden = routing.mm(grad_rows, down_weight, block, x_rows.new_empty(len(tokens), hidden.shape[-1]))
+                grad_hidden = routing.mm(grad_rows, down_weight, block)
                 if need_w:
                     grad_w_rows[block.start : block.end] = torch.linalg.vecdot(grad_hidden.float(), hidden.float())
                 if need_down:
-                    routing.weight_grad(grad_rows.mul_(w), hidden, block, grad_down)
+                    grad_down = routing.weight_grad(grad_rows.mul_(w), hidden, block, grad_down)
                 grad_pre = _hidden_backward(pre, grad_hidden.mul_(w), ctx.gated, ctx.act_fn, ctx.kind)
                 if need_up:
-                    routing.weight_grad(grad_pre, x_rows, block, grad_up)
+                    grad_up = routing.weight_grad(grad_pre, x_rows, block, grad_up)
                 if need_x:
                     grad_x.add(block, routing.mm(grad_pre, up_weight, block, x_rows))  # x_rows is free: reuse it
             return grad_x

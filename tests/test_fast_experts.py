@@ -6,10 +6,12 @@ import re
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_moe import MoEConfig, MoEForCausalLM, fast_experts
 from modeling_moe.cli.benchmark import BMM_IN_WORKERS, MM_IN_WORKERS, parse_args
@@ -264,9 +266,17 @@ def cuda_branch_on_cpu(monkeypatch):
     calls = []
     grouped_mm = torch.nn.functional.grouped_mm
 
-    def counting_grouped_mm(a, b, *args, **kwargs):
+    def counting_grouped_mm(a, b, *args, offs, **kwargs):
         calls.append(tuple(a.shape))
-        return grouped_mm(a, b, *args, **kwargs)
+        # What torch's CUDA kernel checks, on meta tensors of the same sizes and strides in bf16 (the dtype the branch
+        # runs in there): `_grouped_mm`'s meta function mirrors `_grouped_mm_cuda`'s checks (operand strides aligned
+        # to 16 bytes, one of them 1; int32 offsets); then what it checks on the device: 16-byte aligned pointers and,
+        # for its grouped kernel, fewer than 1024 groups.
+        meta = [torch.empty_strided(t.shape, t.stride(), dtype=torch.bfloat16, device="meta") for t in (a, b)]
+        torch._grouped_mm(*meta, offs=offs.to("meta"))
+        assert a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+        assert offs.numel() < 1024
+        return grouped_mm(a, b, *args, offs=offs, **kwargs)
 
     monkeypatch.setattr(fast_experts, "_grouped_mm_ok", lambda a, b: True)
     monkeypatch.setattr(fast_experts, "_sums_pairwise", lambda device: True)
@@ -310,6 +320,69 @@ def test_cuda_grouped_mm_branch_zeroes_the_weight_gradients_of_experts_without_r
     experts = _experts(activation)
     index, weights = _routing(21, 6, 2, experts_used=3)  # experts 3..5 get no row
     _assert_matches_eager(experts, torch.randn(21, 16), index, weights)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cuda_grouped_mm_branch_uses_the_kernel_outputs_without_copying_them(cuda_branch_on_cpu, activation, recompute):
+    """At a few hundred rows per expert each product is bound by memory traffic on a GPU: copying a `grouped_mm` output
+    (activations, or an `(experts, M, N)` weight gradient) into another tensor would add a pass as long as the
+    product's own. No `grouped_mm` output is the source of a copy; the weight gradients are those outputs."""
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            # Weak references: a strong one would keep autograd from taking a gradient as it is (it would copy it).
+            self.outputs, self.copied = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._grouped_mm.default:
+                self.outputs.append(weakref.ref(out))
+            elif func is torch.ops.aten.copy_.default:
+                source = args[1].untyped_storage().data_ptr()
+                live = [output() for output in self.outputs]
+                if any(o is not None and o.untyped_storage().data_ptr() == source for o in live):
+                    self.copied.append(tuple(args[1].shape))
+            return out
+
+    experts = _experts(activation, expert_recompute_activations=recompute)
+    index, weights = _routing(21, 6, 2, experts_used=4)  # experts 4 and 5 get no row: their gradients zeroed
+    with Copies() as mode:
+        _assert_matches_eager(experts, torch.randn(21, 16), index, weights)
+    assert len(cuda_branch_on_cpu) == 6 + recompute and mode.copied == []
+
+
+class _SaysCuda:
+    """A CPU tensor that reports a CUDA device: `_grouped_mm_ok`'s checks without a GPU."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+
+    def __getattr__(self, name):
+        return getattr(self._tensor, name)
+
+
+@pytest.mark.parametrize(
+    ("capability", "num_experts", "dtype", "expected"),
+    [
+        ((9, 0), 64, torch.bfloat16, True),  # H100 / H200: torch's CUTLASS grouped kernel
+        ((10, 0), 1023, torch.bfloat16, True),  # B200: the most groups that kernel takes
+        ((9, 0), 1024, torch.bfloat16, False),  # "Can't process more than 1024 groups" (a RuntimeError)
+        ((8, 0), 64, torch.bfloat16, False),  # A100: `_grouped_mm_fallback`, a loop of mm after copying offs to host
+        ((8, 9), 64, torch.bfloat16, False),  # L4 / L40S: the same fallback
+        ((12, 0), 64, torch.bfloat16, False),  # consumer Blackwell: the same fallback
+        ((9, 0), 64, torch.float16, False),  # the grouped kernel is bf16 only
+        ((9, 0), 64, torch.float32, False),
+    ],
+)
+def test_grouped_mm_only_where_cuda_runs_its_grouped_kernel(monkeypatch, capability, num_experts, dtype, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x = torch.randn(8, 16, dtype=dtype)
+    up_t = torch.randn(num_experts, 24, 16, dtype=dtype).transpose(1, 2)  # (n, in, out) view, as the experts use it
+    assert fast_experts._grouped_mm_ok(_SaysCuda(x), _SaysCuda(up_t)) is expected
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
