@@ -16,10 +16,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .gating import RouterOutput, reduce_router_statistics
+from .gating import RouterOutput, gate_linear, reduce_router_statistics
 
 
 def batchwise_mask(gate_scores: torch.Tensor, token_mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -114,7 +113,7 @@ class BalancedRouter(nn.Module):
         have weight 0) and the [`RouterOutput`] (with `threshold_agreement` and `batchwise_loss`).
         """
         x = hidden_states.reshape(-1, self.hidden_size).float()
-        logits = F.linear(x, self.weight.float())  # (num_tokens, n)
+        logits = gate_linear(x, self.weight)  # (num_tokens, n)
         valid = torch.ones(x.size(0), dtype=torch.bool, device=x.device) if token_mask is None else token_mask.bool()
         valid = valid.reshape(-1)
         num_valid = int(valid.sum())

@@ -8,7 +8,8 @@ Every router maps the tokens of a layer, `hidden_states` of shape `(num_tokens, 
 - `top_k_index` `(num_tokens, k)`: the experts those values belong to;
 - `router_output`: a [`RouterOutput`] with the layer's balancing losses and statistics.
 
-The gate is computed in float32 whatever the model's dtype, so fp16/bf16 models route like fp32 ones.
+The gate is computed in float32 whatever the model's dtype, so fp16/bf16 models route like fp32 ones, and whether or not
+`torch.autocast` is on (as under `Trainer(bf16=True)`), which would run its matmuls in bf16/fp16 (`gate_linear`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ from torch import nn
 
 # SPEC §3: the reference implementation divides by `mean^2 + 1e-10`.
 CV_EPSILON = 1e-10
+
+
+def gate_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T` in float32, also where `torch.autocast` is on for `x`'s device, which would run `F.linear` in its
+    lower precision (and, on CUDA, the softmax after it in float32: the routers' `scatter` of float32 gate values into
+    bf16 logits' shape would then fail with a dtype mismatch)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return F.linear(x.float(), weight.float())
+    return F.linear(x.float(), weight.float())
 
 
 def cv_squared(values: torch.Tensor) -> torch.Tensor:
@@ -251,11 +263,11 @@ class TopKRouter(nn.Module):
         `x` is float32 `(num_tokens, hidden_size)`; the outputs are `(num_tokens, num_experts)`. Also used by the
         hierarchical router (SPEC §4) for its primary and secondary gates.
         """
-        clean_logits = F.linear(x, self.weight.float())  # (num_tokens, num_experts)
+        clean_logits = gate_linear(x, self.weight)  # (num_tokens, num_experts)
         if not (self.noisy and self.training):
             return clean_logits, clean_logits, None
         # SPEC §2: H(x) = x W_g + eps * (softplus(x W_noise) + noise_epsilon), eps ~ N(0, 1), training only.
-        noise_std = F.softplus(F.linear(x, self.noise_weight.float())) + self.noise_epsilon
+        noise_std = F.softplus(gate_linear(x, self.noise_weight)) + self.noise_epsilon
         return clean_logits, clean_logits + torch.randn_like(clean_logits) * noise_std, noise_std
 
     def forward(

@@ -298,3 +298,37 @@ def test_edge_cases_stay_finite(case):
         assert out.aux_loss.item() == 0.0
     if case == "k_equals_n":
         assert torch.equal(out.load, torch.full((num_experts,), float(x.shape[0])))
+
+
+@pytest.mark.parametrize("router", ["noisy_top_k", "softmax_top_k", "hierarchical", "balanced"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gate_stays_float32_under_autocast(router, training):
+    """`Trainer(bf16=True)` runs the forward under `torch.autocast`, which runs `F.linear` in bf16 whatever its inputs'
+    dtype. The gate stays float32 there (module docstring): the same logits, routing and losses as without autocast.
+    (In bf16 the hierarchical router's `scatter` of its gate values into float32 failed even on the CPU, and on CUDA,
+    whose autocast also runs `softmax` in float32, every router's did.)"""
+    from modeling_moe.balanced_gating import BalancedRouter
+    from modeling_moe.hierarchical_gating import HierarchicalRouter
+
+    torch.manual_seed(0)
+    module = {
+        "noisy_top_k": lambda: TopKRouter(16, 8, 2),
+        "softmax_top_k": lambda: TopKRouter(16, 8, 2, noisy=False),
+        "hierarchical": lambda: HierarchicalRouter(
+            16, num_groups=2, group_size=4, groups_per_token=1, experts_per_group=2
+        ),
+        "balanced": lambda: BalancedRouter(16, 8, 2),
+    }[router]().train(training)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_()
+    x = torch.randn(10, 16)
+    outputs = []
+    for autocast in (False, True):
+        torch.manual_seed(1)  # the same noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, weights, index, router_output = module(x)
+        outputs.append((logits, weights, index, router_output.aux_loss))
+    for plain, autocast in zip(*outputs, strict=True):
+        assert autocast.dtype == plain.dtype and torch.equal(autocast, plain)
+    assert outputs[1][0].dtype == torch.float32 and outputs[1][1].dtype == torch.float32
