@@ -535,6 +535,14 @@ def fused_experts_forward(
         )
     if top_k_index.numel() > 0 and int(top_k_index.min()) < 0:
         raise ValueError(f"`top_k_index` contains a negative expert id {int(top_k_index.min())}.")
+    device_type = hidden_states.device.type
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and hidden_states.dtype != torch.float64:  # autocast leaves float64 alone
+        # Under `torch.autocast` (`Trainer(bf16=True)`: float32 weights) the products run in its dtype, as the eager
+        # experts' `F.linear` do there: `torch.mm(..., out=...)` and `grouped_mm` are no autocast ops, so they would
+        # run in float32, never reaching the grouped kernel. The casts pass float32 gradients to the weights.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_states, up_weight, down_weight = (t.to(dtype) for t in (hidden_states, up_weight, down_weight))
     recompute = bool(getattr(getattr(self, "config", None), "expert_recompute_activations", False))
     if not torch.is_grad_enabled() or not any(
         t.requires_grad for t in (hidden_states, top_k_weights, up_weight, down_weight)

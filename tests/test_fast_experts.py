@@ -386,6 +386,46 @@ def test_grouped_mm_only_where_cuda_runs_its_grouped_kernel(monkeypatch, capabil
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
+@pytest.mark.parametrize("branch", ["cpu_blocks", "cuda_grouped_mm"])
+def test_autocast_runs_the_products_in_its_dtype(request, activation, branch):
+    """Under `torch.autocast` (`Trainer(bf16=True)` keeps float32 weights) the experts' products run in bf16, as the
+    eager experts' `F.linear` do: `torch.mm(..., out=...)` and `grouped_mm` are no autocast ops, so without a cast they
+    ran in float32, and on CUDA never reached the grouped kernel (bf16 only). The float32 weights get float32
+    gradients, and the result is as close to float32's as eager's under autocast."""
+    if branch == "cuda_grouped_mm":
+        request.getfixturevalue("cuda_branch_on_cpu")
+
+    class ProductDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten._grouped_mm.default):
+                self.dtypes |= {args[0].dtype, args[1].dtype}
+            return func(*args, **(kwargs or {}))
+
+    def under_autocast(fn):
+        def run(*args):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(*args)
+
+        return run
+
+    experts = _experts(activation, hidden=16, intermediate=32)
+    x = torch.randn(33, 16)
+    index, weights = _routing(33, 6, 2)
+    reference = _run(fused_experts_forward, experts, x, index, weights)
+    eager = _run(under_autocast(_experts_eager_forward), experts, x, index, weights)
+    with ProductDtypes() as mode:
+        fused = _run(under_autocast(fused_experts_forward), experts, x, index, weights)
+    assert mode.dtypes == {torch.bfloat16}
+    for a, b, c in zip(reference, fused, eager, strict=True):
+        assert (a - b.float()).norm() <= 1.5 * (a - c.float()).norm() + 1e-3 * a.norm()
+    assert all(grad.dtype == torch.float32 for grad in fused[1:])
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
 def test_cuda_grouped_mm_branch_in_bf16_is_close(cuda_branch_on_cpu, activation):
     _assert_bf16_close(activation)
     assert cuda_branch_on_cpu
