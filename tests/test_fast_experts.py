@@ -755,6 +755,53 @@ def test_benchmark_quick_keeps_the_values_given():
     assert (args.top_k, args.hidden, args.tokens) == ([2], 32, [64])  # the rest: quick sizes
 
 
+def test_benchmark_defaults_to_bf16_on_cuda():
+    """The GPU question (bf16 MoE layer within 1.3x of the dense FFN, no slower than grouped_mm) is bf16's: `--device
+    cuda` measures it without `--dtype`; the CPU keeps float32, and a `--dtype` given is kept."""
+    assert parse_args(["--quick", "--device", "cuda"]).dtype == "bfloat16"
+    assert parse_args(["--quick", "--device", "cuda:1"]).dtype == "bfloat16"
+    assert parse_args(["--quick", "--device", "cpu"]).dtype == "float32"
+    assert parse_args(["--quick", "--device", "cuda", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_benchmark_leaves_out_grouped_mm_where_torch_refuses_its_expert_count(monkeypatch, capsys):
+    """On CUDA in bf16 at compute capability 9.x / 10.x torch's `grouped_mm` raises for 1024 groups or more ("Can't
+    process more than 1024 groups"): the default sweep (up to 1024 experts) would stop there. transformers' grouped_mm
+    variants are left out of those sweep points (shown as "-"), the rest is measured."""
+    from modeling_moe.cli.benchmark import (
+        OLMOE_REFERENCE,
+        _layer_variants,
+        _model_table,
+        _model_variants,
+        grouped_mm_refuses,
+        layer_and_dense,
+    )
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert grouped_mm_refuses(1024, cuda, bf16) and not grouped_mm_refuses(1023, cuda, bf16)
+    assert not grouped_mm_refuses(1024, cuda, torch.float32)  # the fallback loop takes any count
+    assert not grouped_mm_refuses(1024, torch.device("cpu"), bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not grouped_mm_refuses(4096, cuda, bf16)
+
+    args = parse_args(["--quick", "--activation", "relu"])
+    _, layer, dense, _, _ = layer_and_dense(args, 4, 2, 16, torch.device("cpu"), torch.float32)
+    assert "grouped_mm" in _layer_variants(args, 4, layer, dense)
+    variants = _layer_variants(args, 4, layer, dense, grouped_mm_runs=False)
+    assert "grouped_mm" not in variants and FAST_EXPERTS_IMPLEMENTATION in variants
+    models = _model_variants(layer, dense, grouped_mm_runs=False)
+    assert OLMOE_REFERENCE not in models and all(impl == FAST_EXPERTS_IMPLEMENTATION for _, impl in models.values())
+    row = {
+        "model": "MoEForCausalLM (moe_fused)", "experts": 1024, "k": 4, "train_tokens_per_s": 10.0,
+        "train_gflop_per_step": 1.0, "train_gflops": 2.0, "one_mm_gflops": 3.0, "train_share_of_mm": 0.5,
+        "train_peak_bytes_added": 2**20, "generate_tokens_per_s": 5.0, "train_vs_olmoe": None,
+        "generate_vs_olmoe": None,
+    }  # fmt: skip
+    line = _model_table([row], header=False)
+    assert line.startswith("| MoEForCausalLM (moe_fused) | 1024 | 4 | 10 | - |") and line.endswith("| 5.0 | - |")
+
+
 def test_worker_threads_benchmark_compares_with_one_group(monkeypatch, tmp_path):
     """scripts/benchmark_worker_threads.py: its "one group" variant really runs without worker threads, and a tiny run
     writes its table."""

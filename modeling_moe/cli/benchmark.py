@@ -23,6 +23,7 @@ threads as `moe_fused` shares out its blocks, in GFLOP/s against one `mm` of all
 
     moe-bench --quick                       # tiny sizes, under a minute on 2 CPU cores
     moe-bench --experts 8 64 256 1024 --top-k 4 --tokens 4096 --device cpu
+    moe-bench --device cuda                 # bf16 (the default on CUDA): layer vs dense FFN and grouped_mm
     moe-bench --mode model --device cuda --dtype bfloat16
     moe-bench --mode gemm --experts 64 256 1024 --top-k 4 --tokens 4096
 """
@@ -47,7 +48,13 @@ import torch
 from torch import nn
 
 from ..configuration_moe import MoEConfig
-from ..fast_experts import FAST_EXPERTS_IMPLEMENTATION, map_in_worker_threads, worker_thread_count
+from ..fast_experts import (
+    _GROUPED_MM_CAPABILITY_MAJORS,
+    _GROUPED_MM_MAX_GROUPS,
+    FAST_EXPERTS_IMPLEMENTATION,
+    map_in_worker_threads,
+    worker_thread_count,
+)
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
 from ..training.arguments import check_output_dir
 from .cpu_malloc import allocator_name, can_measure_resident_growth, malloc_for_measuring, peak_resident_growth
@@ -60,6 +67,26 @@ RECOMPUTE = f"{FAST_EXPERTS_IMPLEMENTATION}+recompute"
 ONE_MM = "one mm"
 MM_IN_WORKERS = "mm per expert in worker threads"
 BMM_IN_WORKERS = "bmm in worker threads"
+
+
+def grouped_mm_refuses(num_experts: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's `grouped_mm` raises for this many experts ("Can't process more than 1024 groups"): on CUDA in
+    bf16 at compute capability 9.x / 10.x it is a grouped kernel that takes fewer than 1024 groups (`fast_experts`;
+    `moe_fused` does not call it there). Transformers' `grouped_mm` experts would fail the whole sweep."""
+    return (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and num_experts > _GROUPED_MM_MAX_GROUPS
+        and torch.cuda.get_device_capability(device)[0] in _GROUPED_MM_CAPABILITY_MAJORS
+    )
+
+
+def _skip_grouped_mm(num_experts: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """`grouped_mm_refuses`, saying so when it does."""
+    refuses = grouped_mm_refuses(num_experts, device, dtype)
+    if refuses:
+        print(f"experts={num_experts}: grouped_mm skipped (torch's grouped kernel takes fewer than 1024)", flush=True)
+    return refuses
 
 
 def _sync(device: torch.device) -> None:
@@ -200,11 +227,11 @@ _Variant = tuple[nn.Module, str | None, bool]
 
 
 def _layer_variants(
-    args: argparse.Namespace, num_experts: int, layer: _MoELayer, dense: _DenseFFN
+    args: argparse.Namespace, num_experts: int, layer: _MoELayer, dense: _DenseFFN, grouped_mm_runs: bool = True
 ) -> dict[str, _Variant]:
     variants: dict[str, _Variant] = {"dense": (dense, None, False)}
     for name in args.implementations:
-        if name != "eager" or num_experts <= args.eager_max_experts:
+        if (name != "eager" or num_experts <= args.eager_max_experts) and (name != "grouped_mm" or grouped_mm_runs):
             variants[name] = (layer, name, False)
     variants[RECOMPUTE] = (layer, FAST_EXPERTS_IMPLEMENTATION, True)
     return variants
@@ -299,7 +326,10 @@ def run_layer_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 config, layer, dense, x, drop_grads = layer_and_dense(
                     args, num_experts, top_k, num_tokens, device, dtype
                 )
-                variants = _layer_variants(args, num_experts, layer, dense)
+                grouped_mm_runs = "grouped_mm" not in args.implementations or not _skip_grouped_mm(
+                    num_experts, device, dtype
+                )
+                variants = _layer_variants(args, num_experts, layer, dense, grouped_mm_runs)
                 steps = {name: _forward_backward(config, variant, x) for name, variant in variants.items()}
                 times = _median_times(steps, args.repeats, device, reset=drop_grads)
                 saved = {}
@@ -409,7 +439,7 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
         if device.type == "cpu" and workers > 1:  # as moe_fused runs its blocks on a CPU
             variants[MM_IN_WORKERS] = _in_worker_threads(per_expert_mm, num_experts, workers)
             variants[BMM_IN_WORKERS] = _in_worker_threads(bmm, num_experts, workers)
-        if hasattr(nn.functional, "grouped_mm"):
+        if hasattr(nn.functional, "grouped_mm") and not _skip_grouped_mm(num_experts, device, dtype):
             variants["grouped_mm"] = lambda x=x, w=weight_t, offs=offsets: nn.functional.grouped_mm(x, w, offs=offs)
         times = _median_times(variants, args.repeats, device)
         flops = 2 * total * args.hidden * args.expert_hidden
@@ -489,14 +519,21 @@ def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int):
     return ours, olmoe
 
 
-def _model_variants(ours: nn.Module, olmoe: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+# The model mode's reference: transformers' own MoE model with its grouped experts.
+OLMOE_REFERENCE = "OlmoeForCausalLM (grouped_mm)"
+
+
+def _model_variants(
+    ours: nn.Module, olmoe: nn.Module, grouped_mm_runs: bool = True
+) -> dict[str, tuple[nn.Module, str]]:
     """(model, experts implementation) per variant; OLMoE with our fused path shows what the rest costs."""
-    return {
+    variants = {
         f"MoEForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (ours, FAST_EXPERTS_IMPLEMENTATION),
         "MoEForCausalLM (grouped_mm)": (ours, "grouped_mm"),
-        "OlmoeForCausalLM (grouped_mm)": (olmoe, "grouped_mm"),
+        OLMOE_REFERENCE: (olmoe, "grouped_mm"),
         f"OlmoeForCausalLM ({FAST_EXPERTS_IMPLEMENTATION})": (olmoe, FAST_EXPERTS_IMPLEMENTATION),
     }
+    return {name: v for name, v in variants.items() if grouped_mm_runs or v[1] != "grouped_mm"}
 
 
 def _train_step(model: nn.Module, implementation: str, ids: torch.Tensor) -> Callable[[], None]:
@@ -544,7 +581,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
             if _skipped(num_experts, top_k):
                 continue
             ours, olmoe, ids = _models_and_batch(args, num_experts, top_k, device, dtype)
-            variants = _model_variants(ours, olmoe)
+            variants = _model_variants(ours, olmoe, not _skip_grouped_mm(num_experts, device, dtype))
             prompt = ids[:, : max(1, args.seq_len // 4)]
 
             def generate(model: nn.Module, implementation: str, prompt: torch.Tensor = prompt) -> Callable[[], None]:
@@ -581,7 +618,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                 peaks = _in_a_memory_process(_cpu_model_peaks, args, num_experts, top_k, dtype)
             drop_grads()
             gen = _median_times({n: generate(*v) for n, v in variants.items()}, args.repeats, device)
-            reference = "OlmoeForCausalLM (grouped_mm)"
+            reference = OLMOE_REFERENCE if OLMOE_REFERENCE in variants else None
             for name in variants:
                 rows.append(
                     {
@@ -596,8 +633,8 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
                         "one_mm_gflops": mm_rate / 1e9,
                         "train_peak_bytes_added": peaks.get(name),
                         "generate_tokens_per_s": args.batch * args.new_tokens / gen[name],
-                        "train_vs_olmoe": train[reference] / train[name],
-                        "generate_vs_olmoe": gen[reference] / gen[name],
+                        "train_vs_olmoe": train[reference] / train[name] if reference else None,
+                        "generate_vs_olmoe": gen[reference] / gen[name] if reference else None,
                     }
                 )
             print(_model_table(rows[-len(variants) :], header=len(rows) == len(variants)), flush=True)
@@ -618,10 +655,10 @@ def _model_table(rows: list[dict], header: bool = True) -> str:
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['experts']} | {row['k']} | {row['train_tokens_per_s']:.0f} "
-            f"| {row['train_vs_olmoe']:.2f} | {row['train_gflop_per_step']:.4g} | {row['train_gflops']:.1f} "
+            f"| {_fmt(row['train_vs_olmoe'])} | {row['train_gflop_per_step']:.4g} | {row['train_gflops']:.1f} "
             f"| {row['one_mm_gflops']:.1f} | {row['train_share_of_mm']:.2f} "
             f"| {_mib(row['train_peak_bytes_added'])} "
-            f"| {row['generate_tokens_per_s']:.1f} | {row['generate_vs_olmoe']:.2f} |"
+            f"| {row['generate_tokens_per_s']:.1f} | {_fmt(row['generate_vs_olmoe'])} |"
         )
     return "\n".join(lines)
 
@@ -737,7 +774,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moe-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("layer", "model", "both", "gemm"), default="layer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="default: bfloat16 on CUDA (the GPU question: bf16 MoE layer against the dense FFN and grouped_mm), "
+        "float32 elsewhere",
+    )
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 256, 1024])
     parser.add_argument("--top-k", type=int, nargs="+", default=[4])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096], help="tokens per layer call (layer mode)")
@@ -763,6 +806,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:  # quick sizes as the defaults: the options given on the command line keep their values
         parser.set_defaults(**QUICK_VALUES)
         args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.split(":")[0] == "cuda" else "float32"
     counts = ["experts", "top_k", "tokens", "hidden", "expert_hidden", "repeats"]
     check_positive(parser, args, [*counts, "layers", "heads", "vocab", "batch", "seq_len", "new_tokens"])
     if args.mode in ("model", "both"):
