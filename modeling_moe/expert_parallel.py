@@ -95,10 +95,11 @@ def expert_parallel_config(
     return DistributedConfig(ep_size=expert_parallel_size, fsdp_size=world_size)
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, use_cpu: bool = False) -> None:
     """Join the process group of a `torchrun` / `accelerate launch` run, with a bounded collective timeout.
 
-    gloo on CPU (or when `ACCELERATE_USE_CPU=1`), nccl on CUDA. A no-op when the group already exists. Without it,
+    gloo on CPU (or when `ACCELERATE_USE_CPU=1`, or `use_cpu`: Trainer's `--use_cpu`, which keeps the model on the CPU
+    even where CUDA is available), nccl on CUDA. A no-op when the group already exists. Without it,
     Transformers creates the group itself with a two-hour timeout, so a stuck rank would hold the others for hours; with
     it, every collective that waits more than `timeout_s` raises on the ranks still alive. (A rank that dies outright
     closes its connections, which makes gloo raise at once, and the launcher then stops the whole group.)
@@ -112,7 +113,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
             "Launch with `torchrun --nproc_per_node N ...` (CPU: prefix `ACCELERATE_USE_CPU=1`) or `accelerate launch "
             "--config_file configs/accelerate/ep_2gpu.yaml ...`."
         )
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    use_cpu = (
+        use_cpu
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
     if not use_cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend="gloo" if use_cpu else "nccl", timeout=timedelta(seconds=timeout_s))

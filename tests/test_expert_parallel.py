@@ -672,3 +672,34 @@ if __name__ == "__main__":
         _worker_main(directory)
     else:
         _worker_failure(directory, scenario)
+
+
+def test_process_group_backend_follows_where_the_model_runs(monkeypatch):
+    """nccl (after `torch.cuda.set_device(LOCAL_RANK)`, so that each rank's communicator and barrier use its own GPU)
+    where CUDA is available; gloo with `use_cpu` (Trainer's `--use_cpu`, which keeps the model on the CPU even there:
+    nccl takes no CPU tensor) or `ACCELERATE_USE_CPU=1`."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend)))
+    for name, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+        "LOCAL_RANK": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    expert_parallel.init_distributed()
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    expert_parallel.init_distributed(use_cpu=True)
+    assert calls == [("init", "gloo")]
+    calls.clear()
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    expert_parallel.init_distributed()
+    assert calls == [("init", "gloo")]

@@ -257,3 +257,18 @@ def test_expert_parallel_bad_input_fails_early(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         moe_train.run([*source, *cli_args(tmp_path / "out", 2), *extra])
     assert not (tmp_path / "out").exists()  # rejected before anything was written
+
+
+@pytest.mark.parametrize("use_cpu", [True, False])
+def test_expert_parallel_joins_the_group_on_the_device_trainer_uses(tmp_path, monkeypatch, use_cpu):
+    """`--use_cpu` reaches `init_distributed`: Trainer then keeps the model on the CPU, and a GPU machine's nccl group
+    would take none of its collectives' tensors."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    argv = ["--config", str(config), *cli_args(tmp_path / "out", 2, use_cpu=str(use_cpu).lower())]
+    model_args, _, run_args, training_args = moe_train.parse_args([*argv, "--expert_parallel", "2"])
+    joined = []
+    monkeypatch.setattr(moe_train, "init_distributed", lambda timeout_s, **kwargs: joined.append(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert moe_train.setup_expert_parallel(model_args, run_args, training_args, dict(TINY)) == 2
+    assert joined == [{"use_cpu": use_cpu}]

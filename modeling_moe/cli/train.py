@@ -285,7 +285,9 @@ def setup_expert_parallel(
     for name, value in EXPERT_PARALLEL_TRAINING_ARGS.items():
         if name != "ddp_timeout":
             setattr(training_args, name, value)
-    init_distributed(training_args.ddp_timeout)
+    # `--use_cpu` keeps the model on the CPU: its collectives need gloo even where CUDA is available (nccl would
+    # take no CPU tensor: "No backend type associated with device type cpu").
+    init_distributed(training_args.ddp_timeout, use_cpu=training_args.use_cpu)
     return size
 
 
