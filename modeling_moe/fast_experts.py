@@ -67,6 +67,8 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     if torch.cuda.get_device_capability(a.device)[0] not in _GROUPED_MM_CAPABILITY_MAJORS:
         return False
     align = 16 // a.element_size()
+    if any(size % align != 0 for size in b.shape[1:]):  # the widths of the rows made for it (and their transposes)
+        return False
     for t in (a, b):
         if t.data_ptr() % 16 != 0 or any(
             s % align != 0 for s, n in zip(t.stride(), t.shape, strict=True) if s != 1 and n > 1

@@ -385,6 +385,26 @@ def test_grouped_mm_only_where_cuda_runs_its_grouped_kernel(monkeypatch, capabil
     assert fast_experts._grouped_mm_ok(_SaysCuda(x), _SaysCuda(up_t)) is expected
 
 
+def test_grouped_mm_needs_every_operand_width_aligned(monkeypatch):
+    """Each product's 2-D operands are new `(rows, width)` tensors (or their transposes) of width hidden, up width or
+    expert hidden: CUDA's `grouped_mm` wants each of those strides a multiple of 16 bytes. Experts stored `(n, in,
+    out)` (`is_transposed`) with an expert hidden of 12 have aligned weight strides (2 * 12, 16) but rows of 12 bf16
+    values, which the kernel refuses; the per-expert matmuls take them."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    num_experts, hidden, intermediate = 4, 16, 12
+    x = torch.randn(10, hidden, dtype=torch.bfloat16)
+    gate_up = torch.randn(num_experts, hidden, 2 * intermediate, dtype=torch.bfloat16)  # (n, in, out) storage
+    down = torch.randn(num_experts, intermediate, hidden, dtype=torch.bfloat16)
+    up_t, down_t = gate_up, down  # as `_experts_forward` sees them: the (n, out, in) views, transposed back
+    offs = torch.tensor([3, 6, 8, 10], dtype=torch.int32, device="meta")
+    with pytest.raises(RuntimeError, match="multiple of 16 bytes"):  # the kernel's own check (its meta function)
+        torch._grouped_mm(
+            torch.empty(10, intermediate, dtype=torch.bfloat16, device="meta"), down_t.to("meta"), offs=offs
+        )
+    assert fast_experts._grouped_mm_ok(_SaysCuda(x), _SaysCuda(up_t))  # hidden 16, up width 24: aligned
+    assert not fast_experts._grouped_mm_ok(_SaysCuda(x), _SaysCuda(down_t))
+
+
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 @pytest.mark.parametrize("branch", ["cpu_blocks", "cuda_grouped_mm"])
 def test_autocast_runs_the_products_in_its_dtype(request, activation, branch):
