@@ -49,9 +49,9 @@ from torch import nn
 
 from ..configuration_moe import MoEConfig
 from ..fast_experts import (
-    _GROUPED_MM_CAPABILITY_MAJORS,
-    _GROUPED_MM_MAX_GROUPS,
     FAST_EXPERTS_IMPLEMENTATION,
+    GROUPED_MM_CAPABILITY_MAJORS,
+    GROUPED_MM_MAX_GROUPS,
     map_in_worker_threads,
     worker_thread_count,
 )
@@ -76,8 +76,8 @@ def grouped_mm_refuses(num_experts: int, device: torch.device, dtype: torch.dtyp
     return (
         device.type == "cuda"
         and dtype == torch.bfloat16
-        and num_experts > _GROUPED_MM_MAX_GROUPS
-        and torch.cuda.get_device_capability(device)[0] in _GROUPED_MM_CAPABILITY_MAJORS
+        and num_experts > GROUPED_MM_MAX_GROUPS
+        and torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CAPABILITY_MAJORS
     )
 
 
