@@ -207,10 +207,12 @@ def test_fine_tuning_loads_a_single_process_checkpoint_into_two_ranks(runs, tmp_
 def test_two_nodes_of_one_process_each_finish_cleanly(tmp_path):
     """Two "nodes" (two torchrun agents on 127.0.0.1, one process each): rank 1 is its node's first process, so
     Trainer's `should_log` holds there too, but it has no single-process copy of the model; the run once trained,
-    saved, then failed on rank 1 with `AttributeError: 'NoneType' object has no attribute 'config'` (exit status 1)."""
+    saved, then failed on rank 1 with `AttributeError: 'NoneType' object has no attribute 'config'` (exit status 1).
+    Its one step is not a logging step (`logging_steps` 2): the expert-load history gets it at the end of training,
+    with both ranks' tokens (it once held rank 0's alone)."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    overrides = {"max_steps": 1, "sample_max_new_tokens": 0, "skip_eval": "true"}
+    overrides = {"max_steps": 1, "logging_steps": 2, "sample_max_new_tokens": 0, "skip_eval": "true"}
     args = ["--config", str(config), *cli_args(tmp_path / "out", 2, **overrides), "--expert_parallel", str(WORLD_SIZE)]
     port = free_port()
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -236,6 +238,10 @@ def test_two_nodes_of_one_process_each_finish_cleanly(tmp_path):
         assert node.returncode == 0, output[-4000:]
     assert "".join(outputs).count("output_dir: ") == 1  # the summary, printed by rank 0 only
     assert MoEForCausalLM.from_pretrained(tmp_path / "out").config.num_experts == TINY["num_experts"]
+    (entry,) = json.loads((tmp_path / "out" / "expert_load_history.json").read_text())
+    tokens = WORLD_SIZE * 2 * BLOCK_SIZE  # one step of 2 blocks per rank
+    assert entry["step"] == 1
+    assert [sum(layer) for layer in entry["tokens_per_expert"]] == [TINY["num_experts_per_tok"] * tokens] * 2
 
 
 @pytest.mark.parametrize(

@@ -157,8 +157,12 @@ class ExpertBalanceCallback(TrainerCallback):
             self.history.append({"step": state.global_step, "tokens_per_expert": tokens})
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        # Forwards after the last logging step (or a run shorter than `logging_steps`) still belong in the plot.
-        tokens = self._stats[True].tokens_per_expert_by_layer()
+        # Forwards after the last logging step (or a run shorter than `logging_steps`) still belong in the plot, with
+        # every rank's tokens as at a log (every rank ends training, so all of them join the sum).
+        stats = self._stats[True]
+        if self._model is not None:
+            _sum_statistics_over_ranks(stats, len(moe_layer_indices(self._model)), self._model.config.num_experts)
+        tokens = stats.tokens_per_expert_by_layer()
         if tokens and (not self.history or self.history[-1]["step"] != state.global_step):
             self.history.append({"step": state.global_step, "tokens_per_expert": tokens})
         if not state.is_world_process_zero or not self.history:
