@@ -58,6 +58,17 @@ def test_all_moe_layers_and_every_nth():
     assert tiny_config(num_hidden_layers=6, moe_layers="all").moe_layer_indices == [0, 1, 2, 3, 4, 5]
     assert tiny_config(num_hidden_layers=6, moe_layers=3).moe_layer_indices == [2, 5]
     assert tiny_config(num_hidden_layers=6, moe_layers=[4, 0]).moe_layer_indices == [0, 4]
+    assert tiny_config(num_hidden_layers=6, moe_layers=6).moe_layer_indices == [5]  # the period may be every layer
+    assert tiny_config(num_hidden_layers=6, moe_layers=1).moe_layer_indices == [0, 1, 2, 3, 4, 5]
+
+
+def test_boundary_config_values_are_accepted():
+    assert tiny_config(attention_dropout=1.0).attention_dropout == 1.0
+    assert tiny_config(head_dim=2).head_dim == 2
+    hierarchical = tiny_config(router_type="hierarchical", num_expert_groups=3, num_experts_per_tok=2)
+    assert hierarchical.experts_per_token == 2  # k = the group size (6 experts in 3 groups of 2)
+    assert tiny_config(expert_capacity_factor=1e-3).expert_capacity_factor == 1e-3
+    assert tiny_config(num_attention_heads=8, num_key_value_heads=2).head_dim == 4  # hidden_size // attention heads
 
 
 @pytest.mark.parametrize(
@@ -90,6 +101,10 @@ def test_all_moe_layers_and_every_nth():
         ),
         (dict(moe_layers="some"), "`moe_layers` must be 'all', a positive int or a list of layer indices, got 'some'"),
         (dict(num_experts=0), "`num_experts` must be a positive integer, got 0"),
+        (dict(num_key_value_heads=0), "`num_key_value_heads` must be a positive integer, got 0"),
+        (dict(moe_layers=[1, 1]), "`moe_layers` has repeated layer indices: \\[1, 1\\]"),
+        (dict(head_dim=3), "`head_dim` must be a positive even integer \\(RoPE\\), got 3"),
+        (dict(expert_capacity_factor=0.0), "`expert_capacity_factor` must be a finite number > 0 or None, got 0.0"),
         (dict(noise_epsilon=-1e-3), "`noise_epsilon` must be a finite number > 0, got -0.001"),
         (dict(noise_epsilon=0.0), "`noise_epsilon` must be a finite number > 0, got 0.0"),
     ],

@@ -148,7 +148,7 @@ def test_cpu_training_keeps_freed_memory(scratch_run):
     assert result["cpu_malloc"] == (REUSING if allocator_name() == GLIBC else f"left as is: {allocator_name()}")
 
 
-def test_eval_metrics_match_independent_computation(scratch_run):
+def test_eval_metrics_match_independent_computation(scratch_run, tmp_path):
     """Perplexity and accuracy of the run equal a plain re-computation on the same validation blocks."""
     out, result = scratch_run
     metrics = result["metrics"]
@@ -185,9 +185,10 @@ def test_eval_metrics_match_independent_computation(scratch_run):
     assert evaluation["cpu_malloc"] == (REUSING if allocator_name() == GLIBC else f"left as is: {allocator_name()}")
     left_alone = moe_eval.run(
         ["--model_name_or_path", str(out), "--block_size", "32", "--max_eval_samples", "8", "--use_cpu", "true"]
-        + ["--sample_max_new_tokens", "0", "--reuse_freed_memory", "false"]
+        + ["--sample_max_new_tokens", "0", "--reuse_freed_memory", "false", "--output_dir", str(tmp_path)]
     )
     assert left_alone["cpu_malloc"] is None and left_alone["metrics"]["eval_loss"] == evaluated["eval_loss"]
+    assert json.load(open(tmp_path / "eval_results.json")) == left_alone["metrics"]  # --output_dir
     assert evaluated["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"], rel=1e-5)
     assert evaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
 
@@ -323,6 +324,12 @@ def test_resume_gives_identical_losses(workdir):
     assert [entry["step"] for entry in history[1]] == [entry["step"] for entry in history[0]] == [1, 2, 3, 4]
     assert history[1][:2] == history[0][:2]
     assert json.load(open(workdir / "full" / "config.json"))["vocab_size"] == 300
+    # Resumed from a checkpoint in another folder: its history continues too.
+    elsewhere_dir = workdir / "resumed_elsewhere"
+    checkpoint = str(workdir / "full" / "checkpoint-2")
+    elsewhere = moe_train.run([*data, "--resume_from_checkpoint", checkpoint, *common_args(elsewhere_dir, **settings)])
+    assert losses(elsewhere, 3) == losses(full, 3)
+    assert json.load(open(elsewhere_dir / "expert_load_history.json")) == history[1]
 
 
 def test_failed_save_leaves_no_loadable_model(workdir, monkeypatch):
@@ -386,6 +393,16 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
     [
         ([], ValueError, "Pass exactly one of `--config`"),
         (["--config", "{config}", "--lora"], ValueError, "`--lora` fine-tunes adapters on a trained model"),
+        (
+            ["--model_name_or_path", "{saved}", "--merge"],
+            ValueError,
+            "`--merge` merges LoRA adapters: pass it together",
+        ),
+        (
+            ["--model_name_or_path", "{saved}", "--config_overrides", "num_experts=2"],
+            ValueError,
+            "`config_overrides` only applies when training from scratch",
+        ),
         (["--config", "{config}", "--config_overrides", "num_experts_per_tok=9"], ValueError, "num_experts_per_tok"),
         (["--config", "{bad_field}"], ValueError, "num_expertz"),
         (["--config", "{bad_yaml}"], ValueError, "is not valid YAML"),
@@ -546,7 +563,11 @@ def test_accuracy_metric_module_matches_numpy():
 CARD_GATING = {
     "noisy_top_k": ({}, "noisy top-k gating", "noisy-top-k-gating"),
     "softmax_top_k": ({}, "softmax top-k gating (no noise)", "softmax-top-k-gating"),
-    "hierarchical": (dict(num_experts=8, num_expert_groups=2), "hierarchical noisy top-k gating", "hierarchical-moe"),
+    "hierarchical": (
+        dict(num_experts=8, num_expert_groups=2, num_groups_per_tok=2),
+        "hierarchical noisy top-k gating",
+        "hierarchical-moe",
+    ),
     "balanced": ({}, "strictly balanced batchwise gating", "balanced-gating"),
 }
 
@@ -568,6 +589,9 @@ def test_model_card_describes_the_router(router_type):
     card = ModelCard(str(render_model_card(model.config, {}, parameter_counts(model), repo_id="me/tiny")))
     assert not re.search(r"\{\{|\}\}|\{%", card.text)
     assert words in card.text and tag in card.data.tags
+    # k: every expert a token goes to (num_groups_per_tok * num_experts_per_tok with the hierarchical router)
+    k = 4 if router_type == "hierarchical" else 2
+    assert f"**{k} of {model.config.num_experts}**" in card.text and f"| experts per token (k) | {k} |" in card.text
     if router_type in ("softmax_top_k", "balanced"):
         assert "noisy" not in card.text and "noisy-top-k-gating" not in card.data.tags
 
@@ -593,6 +617,11 @@ def test_resume_true_skips_a_partly_written_checkpoint(workdir, tmp_path):
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"")
     args = moe_train.parse_args(["--resume_from_checkpoint", "true", *common_args(out)])[3]
     assert moe_train._resolve_resume(args) == str(out / "checkpoint-2")
+    for step in (1, 10):  # the newest complete one, by step number (checkpoint-10 after checkpoint-2)
+        shutil.copytree(out / "checkpoint-2", out / f"checkpoint-{step}")
+    assert moe_train._resolve_resume(args) == str(out / "checkpoint-10")
+    for step in (1, 10):
+        shutil.rmtree(out / f"checkpoint-{step}")
     (out / "checkpoint-2" / "optimizer.pt").unlink()  # as saved with --save_only_model: no optimizer, no scheduler
     with pytest.raises(ValueError, match="holds no optimizer or scheduler state"):
         moe_train._resolve_resume(args)
@@ -607,3 +636,362 @@ def test_empty_sample_prompt_skips_the_sample(workdir, tmp_path):
     argv = ["--config", str(workdir / "tiny.json"), "--sample_prompt", "", "--dry_run", "--skip_eval"]
     result = moe_train.run([*argv, *common_args(out, max_steps=1)])
     assert result["sample"] is None and (out / "hub_export" / "README.md").is_file()
+
+
+def test_balance_logs_under_accumulation_and_an_evaluation_between_logs(workdir, tmp_path):
+    # Two micro-batches per step, a log every 2 steps, an evaluation at step 2 and a last step (3) that is not logged.
+    out = tmp_path / "out"
+    data = ["--config", str(workdir / "tiny.json"), "--train_file", str(workdir / "train.txt")]
+    data += ["--validation_file", str(workdir / "valid.txt"), "--dry_run"]
+    settings = dict(max_steps=3, logging_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    settings.update(eval_strategy="steps", eval_steps=2, sample_max_new_tokens=0)
+    result = moe_train.run([*data, *common_args(out, **settings)])
+    (train_log,) = [h for h in result["log_history"] if "loss" in h]
+    assert train_log["step"] == 2
+    # Trainer's loss is the mean over the labels of the accumulated step (plus the balancing losses): the logged LM
+    # loss is that mean too, not each micro-batch's share of it.
+    assert train_log["loss"] == pytest.approx(
+        train_log["lm_loss"] + train_log["importance_loss"] + train_log["load_loss"], rel=1e-4
+    )
+    # The evaluation's own LM loss: the mean next-token NLL that its perplexity comes from.
+    eval_logs = [h for h in result["log_history"] if "eval_loss" in h]
+    assert eval_logs[0]["step"] == 2
+    for log in eval_logs:
+        assert log["eval_lm_loss"] == pytest.approx(log["eval_nll"], rel=1e-5)
+    # The history holds the training forwards only (2 steps x 2 micro-batches x 2 blocks of 32 tokens, k = 2 experts
+    # each at step 2), and the last step, which no log covered, is in it too.
+    history = json.load(open(out / "expert_load_history.json"))
+    assert [entry["step"] for entry in history] == [2, 3]
+    for entry, steps in zip(history, (2, 1), strict=True):
+        for layer_counts in entry["tokens_per_expert"]:
+            assert sum(layer_counts) == 2 * steps * 2 * 2 * 32
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "hub_export" / "README.md")
+    assert "128 tokens per step per device (blocks of 32)" in card.text  # 2 blocks x 2 micro-batches x 32
+
+
+def test_callback_continues_the_history_of_the_checkpoint_it_resumes(tmp_path):
+    # Trainer(...).train(resume_from_checkpoint=True) with the callback, outside moe-train: on_train_begin reads the
+    # history saved with `output_dir/checkpoint-<step>`, up to and including that step.
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from modeling_moe.training.callbacks import HISTORY_FILENAME, ExpertBalanceCallback
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    saved = [{"step": step, "tokens_per_expert": [[step, 1.0]]} for step in (2, 4, 6)]
+    (checkpoint / HISTORY_FILENAME).write_text(json.dumps(saved))
+    callback = ExpertBalanceCallback()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    callback.on_train_begin(args, TrainerState(global_step=4), TrainerControl())
+    assert callback.history == saved[:2]
+    fresh = ExpertBalanceCallback()
+    fresh.on_train_begin(args, TrainerState(global_step=0), TrainerControl())  # a new run starts an empty history
+    assert fresh.history == []
+
+
+def test_callback_leaves_forwards_made_before_training_out_of_the_first_log(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from modeling_moe.training.callbacks import ExpertBalanceCallback
+
+    model = MoEForCausalLM(MoEConfig(**TINY, router_type="softmax_top_k")).train()  # no gate noise
+    callback = ExpertBalanceCallback()
+    callback.attach(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids)  # e.g. a sanity check before trainer.train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=0)
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    model(input_ids=ids[:1], labels=ids[:1])  # the first training step: one sequence of 8 tokens
+    state.global_step = 1
+    logs = {"loss": 1.0}
+    callback.on_log(args, state, TrainerControl(), logs=logs)
+    assert [sum(layer) for layer in callback.history[0]["tokens_per_expert"]] == [2 * 8] * TINY["num_hidden_layers"]
+    assert logs["lm_loss"] == pytest.approx(model(input_ids=ids[:1], labels=ids[:1]).lm_loss.item(), rel=1e-5)
+
+
+def test_heatmap_shows_each_log_steps_share_of_the_tokens(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from modeling_moe.training.callbacks import plot_expert_load_heatmap
+
+    shown, titles = [], []
+    imshow, set_title = matplotlib.axes.Axes.imshow, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda self, x, **k: shown.append(x) or imshow(self, x, **k))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "set_title", lambda self, t, **k: titles.append(t) or set_title(self, t, **k)
+    )
+    history = [
+        {"step": 5, "tokens_per_expert": [[30.0, 10.0], [0.0, 0.0]]},
+        {"step": 10, "tokens_per_expert": [[1.0, 3.0], [2.0, 2.0]]},
+    ]
+    plot_expert_load_heatmap(history, str(tmp_path / "heatmap.png"), layer_indices=[1, 3])
+    # (experts, log steps) per MoE layer: each step's column is its tokens' shares (a step without tokens stays 0).
+    np.testing.assert_allclose(shown[0], [[0.75, 0.25], [0.25, 0.75]])
+    np.testing.assert_allclose(shown[1], [[0.0, 0.5], [0.0, 0.5]])
+    assert titles[0].startswith("MoE layer 1:") and titles[1].startswith("MoE layer 3:")
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_corpus_split_is_every_20th_document_for_validation():
+    from modeling_moe.training.data import default_corpus
+
+    documents = default_corpus_documents()
+    corpus = default_corpus()
+    assert corpus["validation"]["text"] == documents[19::20]
+    assert corpus["train"]["text"] == [d for i, d in enumerate(documents) if (i + 1) % 20]
+
+
+def test_validation_split_is_the_first_percentage_of_train_and_apart_from_it(tmp_path):
+    # run_clm.py: without a validation split, `train[:p%]` validates and `train[p%:]` trains.
+    from modeling_moe.training.data import load_raw_datasets
+
+    lines = [f"line {i}" for i in range(20)]
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("\n".join(lines) + "\n")
+    raw = load_raw_datasets(train_file=str(train_file), validation_split_percentage=10, cache_dir=str(tmp_path / "c"))
+    assert [t.strip() for t in raw["validation"]["text"]] == lines[:2]
+    assert [t.strip() for t in raw["train"]["text"]] == lines[2:]
+    with pytest.raises(ValueError, match="needs its own validation split"):
+        load_raw_datasets(train_file=str(train_file), streaming=True, cache_dir=str(tmp_path / "c"))
+
+
+def test_tokenize_and_pack_appends_eos_skips_empty_texts_and_drops_the_tail(scratch_run):
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
+
+    from modeling_moe.training.data import tokenize_and_pack
+
+    out, _ = scratch_run
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = ["def f(x):\n    return x", "", "import os", "class A:\n    pass", ""]
+    raw = DatasetDict({"train": Dataset.from_dict({"text": texts, "id": list(range(len(texts)))})})
+    # Independently: each non-empty text's tokens then EOS, concatenated, cut into blocks, the incomplete tail dropped.
+    stream = [
+        i for t in texts if t for i in tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
+    block_size = 6
+    expected = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+    assert len(stream) % block_size and expected
+    packed = tokenize_and_pack(raw, tokenizer, "text", block_size)["train"]
+    assert packed.column_names == ["input_ids", "attention_mask", "labels"]
+    assert packed["input_ids"] == expected and packed["labels"] == expected
+    assert packed["attention_mask"] == [[1] * block_size] * len(expected)
+
+
+def test_text_column_resolution():
+    from datasets import Dataset
+
+    from modeling_moe.training.data import resolve_text_column
+
+    both = Dataset.from_dict({"text": ["a"], "body": ["b"]})
+    assert resolve_text_column(both, "body") == "body" and resolve_text_column(both, None) == "text"
+    assert resolve_text_column(Dataset.from_dict({"id": [1], "body": ["b"]}), None) == "body"
+    with pytest.raises(ValueError, match="no 'text' column .*--text_column_name"):
+        resolve_text_column(Dataset.from_dict({"title": ["a"], "body": ["b"]}), None)  # which one?
+    with pytest.raises(ValueError, match="`text_column_name` 'content' is not a column"):
+        resolve_text_column(both, "content")
+    assert resolve_text_column(both.to_iterable_dataset(), "body") == "body"
+
+
+def test_data_file_extension_is_case_insensitive(tmp_path):
+    from modeling_moe.training.data import check_data_file
+
+    for name, builder in (("A.TXT", "text"), ("b.JSONL", "json"), ("c.Csv", "csv")):
+        (tmp_path / name).write_text("x\n")
+        assert check_data_file(str(tmp_path / name), "train_file") == builder
+
+
+def test_metrics_ignore_padding_labels():
+    # Perplexity and accuracy over the labels that count (not -100), against numpy.
+    from transformers import EvalPrediction
+
+    from modeling_moe.training.evaluation import build_compute_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, (3, 9))
+    labels[0, 5:] = -100  # padded rows of different lengths
+    labels[2, :7] = -100
+    predictions = rng.integers(0, 7, (3, 8))
+    nll = rng.uniform(0.1, 5.0, (3, 8))
+    targets = labels[:, 1:]
+    counted = targets != -100
+    metrics = build_compute_metrics()(EvalPrediction(predictions=(predictions, nll), label_ids=labels))
+    assert metrics["nll"] == pytest.approx(nll[counted].mean())  # per label, not per row
+    assert metrics["perplexity"] == pytest.approx(math.exp(nll[counted].mean()))
+    assert metrics["accuracy"] == pytest.approx((predictions == targets)[counted].mean())
+
+
+def test_active_parameters_count_every_expert_a_token_uses():
+    # Hierarchical gating: a token uses num_groups_per_tok * num_experts_per_tok experts of each MoE layer.
+    from modeling_moe.training.evaluation import parameter_counts, summary_rows
+
+    config = MoEConfig(
+        **{**TINY, "num_hidden_layers": 3, "moe_layers": [0, 2], "num_experts": 8, "router_type": "hierarchical"},
+        num_expert_groups=2,
+        num_groups_per_tok=2,
+    )
+    model = MoEForCausalLM(config)
+    counts = parameter_counts(model)
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 2 * config.hidden_size * config.expert_intermediate_size  # ReLU expert: up and down matrices
+    assert counts == {"total_parameters": total, "active_parameters": total - 2 * (8 - 2 * 2) * per_expert}
+    rows = dict(summary_rows({}, config, counts))
+    assert rows["MoE layers"] == 2 and rows["experts per token (k)"] == 4 and rows["experts per MoE layer (n)"] == 8
+
+
+def test_hub_folder_replaces_only_an_earlier_export(tmp_path):
+    from modeling_moe.training.hub import check_hub_folder
+
+    cases = {
+        "readme_only": ["README.md"],  # e.g. a dataset or a repo clone: not an export
+        "with_subfolder": ["README.md", "config.json", "checkpoint-2/"],  # a run's output folder
+        "export": ["README.md", "config.json", "model.safetensors"],
+    }
+    for name, files in cases.items():
+        for file in files:
+            path = tmp_path / name / file
+            path.mkdir(parents=True) if file.endswith("/") else path.parent.mkdir(parents=True, exist_ok=True)
+            if not file.endswith("/"):
+                path.write_text("x")
+    for name in ("readme_only", "with_subfolder"):
+        with pytest.raises(FileExistsError, match="not an earlier export"):
+            check_hub_folder(str(tmp_path / name))
+    check_hub_folder(str(tmp_path / "export"))
+    check_hub_folder(str(tmp_path / "new"))
+
+
+def test_write_hub_folder_leaves_nothing_behind_when_it_fails(tmp_path, monkeypatch):
+    from modeling_moe.training.evaluation import parameter_counts
+    from modeling_moe.training.hub import render_model_card, write_hub_folder
+
+    model = MoEForCausalLM(MoEConfig(**TINY))
+    card = render_model_card(model.config, {}, parameter_counts(model), repo_id="me/tiny")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        write_hub_folder(model, None, card, str(precious))
+    assert os.listdir(precious) == ["notes.txt"]
+    export = tmp_path / "export"
+    write_hub_folder(model, None, card, str(export))
+    before = sorted(os.listdir(export))
+
+    def broken_save(folder, **kwargs):
+        (tmp_path / "seen").write_text(folder)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_hub_folder(model, None, card, str(export))
+    assert sorted(os.listdir(export)) == before  # the earlier export is left whole
+    assert sorted(os.listdir(tmp_path)) == ["export", "precious", "seen"]  # and no staging folder
+
+
+def test_lora_dry_run_exports_and_pushes_the_merged_model(scratch_run, workdir, tmp_path):
+    # Without --merge: the Hub export (moe-train --dry_run, and moe-push of the adapters folder) is still the merged
+    # model, a plain MoEForCausalLM checkpoint, not the adapters.
+    from peft import PeftModel
+
+    out, _ = scratch_run
+    lora_dir = tmp_path / "lora"
+    args = ["--model_name_or_path", str(out), "--train_file", str(workdir / "train.txt"), "--lora", "--dry_run"]
+    moe_train.run([*args, *common_args(lora_dir, max_steps=1, learning_rate=0.05, sample_max_new_tokens=0)])
+    reloaded = PeftModel.from_pretrained(MoEForCausalLM.from_pretrained(out), lora_dir).eval()
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+    pushed = tmp_path / "pushed"
+    moe_push.run(["--model_path", str(lora_dir), "--dry_run", "--output_dir", str(pushed)])
+    for folder in (lora_dir / "hub_export", pushed):
+        assert not (folder / "adapter_config.json").exists()
+        exported = MoEForCausalLM.from_pretrained(folder).eval()
+        assert exported.state_dict().keys() == MoEForCausalLM.from_pretrained(out).state_dict().keys()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_push_reads_the_metrics_file_it_is_given(scratch_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    out, _ = scratch_run
+    with pytest.raises(FileNotFoundError, match="`metrics_file` .* does not exist"):
+        moe_push.run(["--model_path", str(out), "--dry_run", "--metrics_file", str(tmp_path / "missing.json")])
+    metrics_file = tmp_path / "metrics.json"
+    metrics_file.write_text(json.dumps({"eval_perplexity": 12.5, "eval_accuracy": 0.25}))
+    folder = tmp_path / "upload"
+    moe_push.run(
+        ["--model_path", str(out), "--dry_run", "--output_dir", str(folder), "--metrics_file", str(metrics_file)]
+    )
+    values = {r.metric_type: r.metric_value for r in ModelCard.load(folder / "README.md").data.eval_results}
+    assert values == {"perplexity": 12.5, "accuracy": 0.25}
+    # Without one: the run's all_results.json, before an eval_results.json (e.g. a later moe-eval --output_dir there).
+    model_path = tmp_path / "model"
+    shutil.copytree(out, model_path, ignore=shutil.ignore_patterns("hub_export", "runs"))
+    (model_path / "eval_results.json").write_text(metrics_file.read_text())
+    moe_push.run(["--model_path", str(model_path), "--dry_run"])
+    card = ModelCard.load(model_path / "hub_export" / "README.md")
+    values = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    all_results = json.load(open(out / "all_results.json"))
+    assert values["perplexity"] == pytest.approx(all_results["eval_perplexity"], rel=1e-3)
+
+
+def test_save_atomically_moves_the_config_in_last(tmp_path, monkeypatch):
+    # A model folder is loadable only once every file is in place: an earlier config is removed first and the new one
+    # moved in last, so a save that fails while moving leaves no config beside partial weights.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    (out / "model.safetensors").write_text("old")
+
+    def save(folder):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("new")
+
+    moved, replace = [], os.replace
+
+    def recording_replace(source, target):
+        moved.append(os.path.basename(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    moe_train.save_atomically(save, str(out))
+    assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (out / "config.json").read_text() == "new"
+
+    def failing_replace(source, target):
+        if os.path.basename(target) == "model.safetensors":
+            raise OSError("disk full")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        moe_train.save_atomically(save, str(out))
+    assert not (out / "config.json").exists()
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
+
+
+def test_expert_parallel_keeps_the_ddp_timeout_it_is_given(workdir, tmp_path, monkeypatch):
+    # Only TrainingArguments' default (30 min) is replaced by the bounded one; the model is saved without optimizer.
+    from modeling_moe.expert_parallel import DEFAULT_TIMEOUT_S
+
+    joined = []
+    monkeypatch.setattr(moe_train, "init_distributed", joined.append)
+    monkeypatch.setattr(moe_train, "validate_expert_parallel_size", lambda size, num_experts: None)  # 1 process
+    for extra, timeout in (([], int(DEFAULT_TIMEOUT_S)), (["--ddp_timeout", "77"], 77)):
+        argv = ["--config", str(workdir / "tiny.json"), "--expert_parallel", "2", *extra]
+        model_args, _, run_args, training_args = moe_train.parse_args([*argv, *common_args(tmp_path / "out")])
+        assert moe_train.setup_expert_parallel(model_args, run_args, training_args, dict(TINY)) == 2
+        assert training_args.ddp_timeout == timeout and joined[-1] == timeout
+        assert training_args.save_only_model
+
+
+def test_lora_dropout_may_be_one(tmp_path):
+    MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
+    argv = ["--model_name_or_path", str(tmp_path / "saved"), "--lora", "--lora_dropout", "1"]
+    assert moe_train.check_arguments(*moe_train.parse_args([*argv, *common_args(tmp_path / "out")])) is None
