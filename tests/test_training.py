@@ -981,7 +981,7 @@ def test_expert_parallel_keeps_the_ddp_timeout_it_is_given(workdir, tmp_path, mo
     from modeling_moe.expert_parallel import DEFAULT_TIMEOUT_S
 
     joined = []
-    monkeypatch.setattr(moe_train, "init_distributed", joined.append)
+    monkeypatch.setattr(moe_train, "init_distributed", lambda timeout_s, use_cpu=False: joined.append(timeout_s))
     monkeypatch.setattr(moe_train, "validate_expert_parallel_size", lambda size, num_experts: None)  # 1 process
     for extra, timeout in (([], int(DEFAULT_TIMEOUT_S)), (["--ddp_timeout", "77"], 77)):
         argv = ["--config", str(workdir / "tiny.json"), "--expert_parallel", "2", *extra]
