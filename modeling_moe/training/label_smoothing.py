@@ -9,17 +9,15 @@ label-smoothed LM loss plus its balancing losses, weighted as usual.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import Trainer
+from transformers.trainer_pt_utils import LabelSmoother
 
 from .callbacks import unwrap_moe_model
 
 
 def label_smoothed_causal_lm_loss(epsilon: float):
-    """`ForCausalLMLoss` with label smoothing: `(1 - epsilon) * NLL + epsilon * mean over the vocabulary of -log p`.
-
-    The value of transformers' `LabelSmoother(epsilon)(outputs, labels, shift_labels=True, num_items_in_batch=...)`.
-    """
+    """The model's `loss_function` with Trainer's own smoothing: transformers' `LabelSmoother(epsilon)` on the shifted
+    labels, `(1 - epsilon) * NLL + epsilon * mean over the vocabulary of -log p`, per label of the (accumulated) step."""
 
     def loss_function(
         logits: torch.Tensor,  # (batch, seq, vocab)
@@ -30,17 +28,12 @@ def label_smoothed_causal_lm_loss(epsilon: float):
         shift_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        smoother = LabelSmoother(epsilon=epsilon, ignore_index=ignore_index)
+        outputs = {"logits": logits.float()}  # upcast, as `ForCausalLMLoss` does
         if shift_labels is None:  # tokens < t predict t
-            shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        logits = logits.float().reshape(-1, vocab_size)
-        shift_labels = shift_labels.reshape(-1).to(logits.device)
-        reduction = "sum" if num_items_in_batch is not None else "mean"
-        loss = nn.functional.cross_entropy(
-            logits, shift_labels, ignore_index=ignore_index, reduction=reduction, label_smoothing=epsilon
-        )
-        if num_items_in_batch is not None:  # Trainer's count of the labels of the whole (accumulated) step
-            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        return loss
+            labels = labels.to(logits.device)
+            return smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        return smoother(outputs, shift_labels.to(logits.device), num_items_in_batch=num_items_in_batch)
 
     return loss_function
 
