@@ -97,10 +97,15 @@ class ExpertBalanceCallback(TrainerCallback):
             totals[0] += value * weight
             totals[1] += weight
 
-    def _pop(self, training: bool) -> tuple[dict[str, float], list[list[float]]]:
+    def _stats_over_ranks(self, training: bool) -> ExpertStatistics:
+        """The training or evaluation statistics collected since the last log, summed over the ranks in place."""
         stats = self._stats[training]
         if self._model is not None:
             _sum_statistics_over_ranks(stats, len(moe_layer_indices(self._model)), self._model.config.num_experts)
+        return stats
+
+    def _pop(self, training: bool) -> tuple[dict[str, float], list[list[float]]]:
+        stats = self._stats_over_ranks(training)
         tokens = stats.tokens_per_expert_by_layer()
         summary = stats.pop(moe_layer_indices(self._model)) if self._model is not None else {}
         total, count = _sum_over_ranks(self._lm_loss[training])
@@ -159,10 +164,7 @@ class ExpertBalanceCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Forwards after the last logging step (or a run shorter than `logging_steps`) still belong in the plot, with
         # every rank's tokens as at a log (every rank ends training, so all of them join the sum).
-        stats = self._stats[True]
-        if self._model is not None:
-            _sum_statistics_over_ranks(stats, len(moe_layer_indices(self._model)), self._model.config.num_experts)
-        tokens = stats.tokens_per_expert_by_layer()
+        tokens = self._stats_over_ranks(True).tokens_per_expert_by_layer()
         if tokens and (not self.history or self.history[-1]["step"] != state.global_step):
             self.history.append({"step": state.global_step, "tokens_per_expert": tokens})
         if not state.is_world_process_zero or not self.history:
