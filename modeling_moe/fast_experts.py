@@ -53,18 +53,30 @@ _ZERO_FILL_BELOW_ROWS_PER_EXPERT = 64
 # kernel refuses 1024 groups or more ("Can't process more than 1024 groups": its set-up kernel has one thread per
 # group). Elsewhere (SM80/SM89/SM12x, other dtypes) `grouped_mm` is `_grouped_mm_fallback`: it copies `offs` to the
 # host and loops over the groups with `mm`, as `_SortedRouting.mm` does without the copy.
-GROUPED_MM_CAPABILITY_MAJORS = (9, 10)
+_GROUPED_MM_CAPABILITY_MAJORS = (9, 10)
 GROUPED_MM_MAX_GROUPS = 1023
+
+
+def torch_runs_grouped_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's `grouped_mm` on this device and dtype is its grouped kernel (CUDA, bf16, compute capability
+    9.x / 10.x), which takes at most `GROUPED_MM_MAX_GROUPS` groups, rather than its fallback loop over `mm`."""
+    return (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(device)[0] in _GROUPED_MM_CAPABILITY_MAJORS
+    )
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `grouped_mm(a, b)` (`b`: the `(groups, K, N)` weights) is one fast grouped kernel: CUDA, bf16, compute
     capability 9.x / 10.x, at most `GROUPED_MM_MAX_GROUPS` groups, 16-byte aligned strides and pointers."""
-    if not hasattr(torch.nn.functional, "grouped_mm") or a.device.type != "cuda":
+    if (
+        not hasattr(torch.nn.functional, "grouped_mm")
+        or b.dtype != torch.bfloat16
+        or b.shape[0] > GROUPED_MM_MAX_GROUPS
+    ):
         return False
-    if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or b.shape[0] > GROUPED_MM_MAX_GROUPS:
-        return False
-    if torch.cuda.get_device_capability(a.device)[0] not in GROUPED_MM_CAPABILITY_MAJORS:
+    if not torch_runs_grouped_kernel(a.device, a.dtype):
         return False
     align = 16 // a.element_size()
     if any(size % align != 0 for size in b.shape[1:]):  # the widths of the rows made for it (and their transposes)

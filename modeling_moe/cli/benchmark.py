@@ -50,9 +50,9 @@ from torch import nn
 from ..configuration_moe import MoEConfig
 from ..fast_experts import (
     FAST_EXPERTS_IMPLEMENTATION,
-    GROUPED_MM_CAPABILITY_MAJORS,
     GROUPED_MM_MAX_GROUPS,
     map_in_worker_threads,
+    torch_runs_grouped_kernel,
     worker_thread_count,
 )
 from ..modeling_moe import MoEExperts, MoEForCausalLM, MoEGatedExperts
@@ -73,12 +73,7 @@ def grouped_mm_refuses(num_experts: int, device: torch.device, dtype: torch.dtyp
     """Whether torch's `grouped_mm` raises for this many experts ("Can't process more than 1024 groups"): on CUDA in
     bf16 at compute capability 9.x / 10.x it is a grouped kernel that takes fewer than 1024 groups (`fast_experts`;
     `moe_fused` does not call it there). Transformers' `grouped_mm` experts would fail the whole sweep."""
-    return (
-        device.type == "cuda"
-        and dtype == torch.bfloat16
-        and num_experts > GROUPED_MM_MAX_GROUPS
-        and torch.cuda.get_device_capability(device)[0] in GROUPED_MM_CAPABILITY_MAJORS
-    )
+    return num_experts > GROUPED_MM_MAX_GROUPS and torch_runs_grouped_kernel(device, dtype)
 
 
 def _skip_grouped_mm(num_experts: int, device: torch.device, dtype: torch.dtype) -> bool:
