@@ -14,11 +14,15 @@ turns it into the skipped sentinel id for the implementations that accept one, s
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .gating import RouterOutput, gate_linear, reduce_router_statistics
+
+if TYPE_CHECKING:
+    from .configuration_moe import MoEConfig
 
 
 def batchwise_mask(gate_scores: torch.Tensor, token_mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -83,7 +87,7 @@ class BalancedRouter(nn.Module):
         self.threshold = nn.Parameter(torch.zeros(num_experts))  # T
 
     @classmethod
-    def from_config(cls, config) -> BalancedRouter:
+    def from_config(cls, config: MoEConfig) -> BalancedRouter:
         return cls(
             hidden_size=config.hidden_size,
             num_experts=config.num_experts,

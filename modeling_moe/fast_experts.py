@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -448,7 +448,7 @@ class _FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         hidden_states: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
@@ -468,7 +468,7 @@ class _FusedExperts(torch.autograd.Function):
         return output
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         hidden_states, weights_rows, up_weight, down_weight, *stored = ctx.saved_tensors
         routing: _SortedRouting = ctx.routing
         need_x, _, need_w, need_up, need_down = ctx.needs_input_grad[:5]

@@ -19,11 +19,15 @@ import contextvars
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .configuration_moe import MoEConfig
 
 # SPEC §3: the reference implementation divides by `mean^2 + 1e-10`.
 CV_EPSILON = 1e-10
@@ -102,14 +106,14 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         ctx.group = group
         tensor = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
         return tensor
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad_output.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return grad, None
@@ -304,7 +308,7 @@ class TopKRouter(nn.Module):
         return clean_logits, top_k_weights, top_k_index, router_output
 
 
-def router_from_config(config) -> nn.Module:
+def router_from_config(config: MoEConfig) -> nn.Module:
     """The router of one MoE layer, as `config.router_type` says."""
     if config.router_type in ("noisy_top_k", "softmax_top_k"):
         return TopKRouter(

@@ -8,10 +8,15 @@ same `(router_logits, top_k_weights, top_k_index, router_output)` as [`TopKRoute
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .gating import RouterOutput, TopKRouter, load_probability, reduce_router_statistics
+
+if TYPE_CHECKING:
+    from .configuration_moe import MoEConfig
 
 
 class HierarchicalRouter(nn.Module):
@@ -68,7 +73,7 @@ class HierarchicalRouter(nn.Module):
         )
 
     @classmethod
-    def from_config(cls, config) -> HierarchicalRouter:
+    def from_config(cls, config: MoEConfig) -> HierarchicalRouter:
         return cls(
             hidden_size=config.hidden_size,
             num_groups=config.num_expert_groups,

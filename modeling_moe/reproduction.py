@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import os
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -342,7 +344,7 @@ def train_and_evaluate(
     config: MoEConfig,
     corpus: Corpus,
     settings: TrainSettings,
-    log=print,
+    log: Callable[[str], object] = print,
     noisy_statistics: bool = False,
 ) -> RunResult:
     """Train `config` from scratch on the corpus with `settings`, then evaluate it on the validation windows.
@@ -419,7 +421,7 @@ RESULTS_DIR = "docs/results"  # the committed results of the full runs
 QUICK_RESULTS_DIR = "runs/reproduction-quick"  # a smoke test never overwrites them
 
 
-def add_common_arguments(parser, script_defaults: dict | None = None) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, script_defaults: dict | None = None) -> None:
     """Command-line options shared by the reproduction scripts (the model and budget of `TrainSettings`)."""
     defaults = TrainSettings(**(script_defaults or {}))
     parser.add_argument(
@@ -463,7 +465,9 @@ QUICK_SETTINGS = dict(
 QUICK_CORPUS_BYTES = 400_000
 
 
-def settings_from_args(args, script_defaults: dict | None = None) -> tuple[TrainSettings, int | None]:
+def settings_from_args(
+    args: argparse.Namespace, script_defaults: dict | None = None
+) -> tuple[TrainSettings, int | None]:
     """`TrainSettings` (`TrainSettings` defaults updated with the script's, or the quick ones) with the command line's
     overrides, and the corpus limit. Resolves the default `args.output_dir`."""
     values = dict(QUICK_SETTINGS) if args.quick else dict(script_defaults or {})

@@ -414,11 +414,25 @@ def run_gemm_benchmark(args: argparse.Namespace, device: torch.device, dtype: to
         out = torch.empty(total, args.expert_hidden, device=device, dtype=dtype)
         offsets = torch.arange(1, num_experts + 1, device=device, dtype=torch.int32) * per_expert
 
-        def per_expert_mm(first: int, end: int, x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+        def per_expert_mm(
+            first: int,
+            end: int,
+            x: torch.Tensor = x,
+            weight_t: torch.Tensor = weight_t,
+            out: torch.Tensor = out,
+            n: int = per_expert,
+        ) -> None:
             for e in range(first, end):
                 torch.mm(x[e * n : (e + 1) * n], weight_t[e], out=out[e * n : (e + 1) * n])
 
-        def bmm(first: int, end: int, x=x, weight_t=weight_t, out=out, n=per_expert) -> None:
+        def bmm(
+            first: int,
+            end: int,
+            x: torch.Tensor = x,
+            weight_t: torch.Tensor = weight_t,
+            out: torch.Tensor = out,
+            n: int = per_expert,
+        ) -> None:
             torch.bmm(
                 x[first * n : end * n].view(end - first, n, -1),
                 weight_t[first:end],
@@ -482,7 +496,7 @@ def _gemm_table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int):
+def _olmoe_and_moe(args: argparse.Namespace, num_experts: int, top_k: int) -> tuple[MoEForCausalLM, nn.Module]:
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
     common = {
@@ -590,7 +604,7 @@ def run_model_benchmark(args: argparse.Namespace, device: torch.device, dtype: t
 
                 return run
 
-            def drop_grads(models=(ours, olmoe)) -> None:
+            def drop_grads(models: tuple[nn.Module, ...] = (ours, olmoe)) -> None:
                 for model in models:
                     model.zero_grad(set_to_none=True)
 

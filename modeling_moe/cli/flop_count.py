@@ -11,6 +11,8 @@ without the causal saving, and its backward with the recomputed scores.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 aten = torch.ops.aten
 
 
-def grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+def grouped_mm_flop(
+    a_shape: Sequence[int], b_shape: Sequence[int], *args: Any, out_shape: Sequence[int] | None = None, **kwargs: Any
+) -> int:
     """`_grouped_mm(a, b, offs)`: every output element is a dot product over `a`'s last dim, except for two 2-D
     operands, where the groups split that dim (a weight gradient `(rows, K)^T @ (rows, N)` -> `(groups, K, N)`) and the
     dot products over all groups together cover it once."""
@@ -28,16 +32,38 @@ def grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * a_shape[-1]
 
 
-def inplace_addmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+def inplace_addmm_flop(
+    self_shape: Sequence[int],
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> int:
     """`self.addmm_(a, b)`: the product's FLOPs, as torch counts `addmm`."""
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-def cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def cpu_sdpa_flop(
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def cpu_sdpa_backward_flop(
+    grad_out_shape: Sequence[int],
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import transformers
+from datasets import Dataset, IterableDataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     HfArgumentParser,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerState,
     TrainingArguments,
@@ -137,7 +139,7 @@ def _move_into(staging: str, output_dir: str) -> None:
         os.replace(os.path.join(staging, name), target)
 
 
-def save_expert_parallel(trainer: Trainer, tokenizer, output_dir: str) -> None:
+def save_expert_parallel(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, output_dir: str) -> None:
     """`save_atomically` for a model sharded over ranks: every rank joins the gather, only rank 0 touches `output_dir`.
 
     `Trainer.save_model` of a model sharded at load time runs `save_pretrained` on every rank (the weights are gathered
@@ -341,7 +343,13 @@ def _resolve_resume(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, text_column: str, target_vocab: int):
+def build_tokenizer(
+    model_args: ModelArguments,
+    resume: str | None,
+    raw_train: Dataset | IterableDataset,
+    text_column: str,
+    target_vocab: int,
+) -> PreTrainedTokenizerBase:
     """The tokenizer: named, from the checkpoint being resumed, the fine-tuned model's, or a BPE trained on the data."""
     if model_args.tokenizer_name is not None:
         tokenizer = load_tokenizer(model_args.tokenizer_name, **model_args.hub_kwargs)
@@ -361,7 +369,7 @@ def build_tokenizer(model_args: ModelArguments, resume: str | None, raw_train, t
 
 def build_model(
     model_args: ModelArguments,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     expert_parallel: int = 1,
     init_dir: str | None = None,
     config_fields: dict[str, Any] | None = None,
@@ -429,7 +437,9 @@ def apply_lora(model: torch.nn.Module, run_args: RunArguments) -> torch.nn.Modul
     return get_peft_model(model, lora_config)
 
 
-def generate_sample(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int, seed: int = 0) -> str:
+def generate_sample(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int, seed: int = 0
+) -> str:
     """A sampled continuation of `prompt` (temperature 0.8, top-p 0.95, seeded so a run prints the same sample)."""
     was_training = model.training
     model.eval()
@@ -461,7 +471,9 @@ def dataset_description(data_args: DataArguments) -> tuple[list[str] | None, str
     )
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, RunArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json") and "--" not in argv[0]:
@@ -642,7 +654,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _training_description(
-    training_args: TrainingArguments, state: TrainerState, metrics: dict[str, Any], block_size: int, run_args
+    training_args: TrainingArguments,
+    state: TrainerState,
+    metrics: dict[str, Any],
+    block_size: int,
+    run_args: RunArguments,
 ) -> str:
     tokens = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * block_size
     parts = [

@@ -181,7 +181,7 @@ def _split_top_level(text: str) -> list[str]:
     return parts
 
 
-def check_config_fields(fields: dict[str, Any], config_class, source: str) -> dict[str, Any]:
+def check_config_fields(fields: dict[str, Any], config_class: type, source: str) -> dict[str, Any]:
     """Reject fields `config_class` does not define (a typo would otherwise be silently ignored)."""
     known = {f.name for f in dataclasses.fields(config_class)}
     fields = dict(fields)

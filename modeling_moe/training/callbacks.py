@@ -128,7 +128,9 @@ class ExpertBalanceCallback(TrainerCallback):
             self.history = [entry for entry in history if up_to_step is None or entry["step"] <= up_to_step]
 
     # -- Trainer events --------------------------------------------------------------------------------------------
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if kwargs.get("model") is not None:
             self.attach(kwargs["model"])
         for training in (True, False):  # drop forwards made before training (e.g. a sanity generate)
@@ -136,7 +138,7 @@ class ExpertBalanceCallback(TrainerCallback):
         if state.global_step > 0 and not self.history:  # resumed: the history up to the checkpoint
             self.load_history(_checkpoint_dir(args, state), up_to_step=state.global_step)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         # With the checkpoint, so that a run resumed from it continues the history (and the heatmap) instead of
         # starting over.
         checkpoint = _checkpoint_dir(args, state)
@@ -144,7 +146,14 @@ class ExpertBalanceCallback(TrainerCallback):
             with open(os.path.join(checkpoint, HISTORY_FILENAME), "w") as f:
                 json.dump(self.history, f)
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if logs is None or self._model is None:
             return
         is_eval = any(key.startswith("eval_") for key in logs)
@@ -161,7 +170,9 @@ class ExpertBalanceCallback(TrainerCallback):
         if is_train and tokens:
             self.history.append({"step": state.global_step, "tokens_per_expert": tokens})
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         # Forwards after the last logging step (or a run shorter than `logging_steps`) still belong in the plot, with
         # every rank's tokens as at a log (every rank ends training, so all of them join the sum).
         tokens = self._stats_over_ranks(True).tokens_per_expert_by_layer()

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEFAULT_CORPUS_NAME = "python-stdlib-pydoc-topics"
 # Fixed split of the embedded corpus: every VALIDATION_EVERY-th document (in a fixed order) goes to validation.
@@ -186,7 +189,7 @@ def iter_texts(dataset: Dataset | IterableDataset, column: str, max_chars: int |
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(name_or_path: str, **kwargs: Any):
+def load_tokenizer(name_or_path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained(name_or_path)`; a local folder without any tokenizer file is an error naming the
     folder (rather than a backend message about sentencepiece or tiktoken)."""
     from transformers import AutoTokenizer
@@ -201,7 +204,7 @@ def load_tokenizer(name_or_path: str, **kwargs: Any):
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
 
 
-def train_bpe_tokenizer(texts: Iterator[list[str]], vocab_size: int, model_max_length: int):
+def train_bpe_tokenizer(texts: Iterator[list[str]], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style) trained on `texts`, wrapped as a `PreTrainedTokenizerFast`.
 
     `<|endoftext|>` is BOS/EOS/UNK (separates packed documents); `<|pad|>` pads. Training is deterministic.
@@ -244,7 +247,7 @@ def first_samples(dataset: Dataset | IterableDataset, count: int | None) -> Data
 
 def tokenize_and_pack(
     raw: DatasetDict | IterableDatasetDict,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     text_column: str,
     block_size: int,
     num_proc: int | None = None,

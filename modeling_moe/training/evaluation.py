@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -14,10 +14,16 @@ from transformers import EvalPrediction, Trainer, TrainingArguments
 from .callbacks import ExpertBalanceCallback, add_expert_balance_callback
 from .label_smoothing import smooth_labels_in_the_model
 
+if TYPE_CHECKING:
+    import evaluate
+    from transformers import PreTrainedTokenizerBase
+
+    from ..configuration_moe import MoEConfig
+
 ACCURACY_METRIC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics", "accuracy")
 
 
-def load_accuracy_metric():
+def load_accuracy_metric() -> evaluate.EvaluationModule:
     """`evaluate`'s accuracy: the module shipped in this package (loads offline), the Hub one as a fallback."""
     import evaluate
 
@@ -100,7 +106,7 @@ def format_table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def summary_rows(metrics: dict[str, Any], config, counts: dict[str, int]) -> list[tuple[str, Any]]:
+def summary_rows(metrics: dict[str, Any], config: MoEConfig, counts: dict[str, int]) -> list[tuple[str, Any]]:
     """The rows of the run summary table from evaluation metrics, the config and the parameter counts."""
     rows: list[tuple[str, Any]] = [
         ("experts per MoE layer (n)", config.num_experts),
@@ -130,7 +136,7 @@ def summary_rows(metrics: dict[str, Any], config, counts: dict[str, int]) -> lis
 
 
 def build_trainer(
-    model, args: TrainingArguments, tokenizer, **trainer_kwargs: Any
+    model: torch.nn.Module, args: TrainingArguments, tokenizer: PreTrainedTokenizerBase, **trainer_kwargs: Any
 ) -> tuple[Trainer, ExpertBalanceCallback]:
     """The `Trainer` of `moe-train` and `moe-eval`: perplexity/accuracy metrics and the expert-balance callback.
 

@@ -6,11 +6,16 @@ import os
 import shutil
 import tempfile
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .evaluation import balance_summary, format_table
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from ..configuration_moe import MoEConfig
 
 CARD_TEMPLATE = "hub_card.md"
 # How the card names each `router_type` (SPEC §2, §4, §5): (in its text, as a metadata tag).
@@ -33,7 +38,7 @@ def card_template() -> str:
 
 
 def render_model_card(
-    config,
+    config: MoEConfig,
     metrics: dict[str, Any],
     counts: dict[str, int],
     repo_id: str,
@@ -176,8 +181,8 @@ def check_hub_folder(folder: str, keep: str | None = None) -> None:
 
 
 def write_hub_folder(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     card: ModelCard,
     folder: str,
     extra_files_from: str | None = None,

@@ -8,6 +8,8 @@ label-smoothed LM loss plus its balancing losses, weighted as usual.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LabelSmoother
@@ -15,7 +17,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 from .callbacks import unwrap_moe_model
 
 
-def label_smoothed_causal_lm_loss(epsilon: float):
+def label_smoothed_causal_lm_loss(epsilon: float) -> Callable[..., torch.Tensor]:
     """The model's `loss_function` with Trainer's own smoothing: transformers' `LabelSmoother(epsilon)` on the shifted
     labels, `(1 - epsilon) * NLL + epsilon * mean over the vocabulary of -log p`, per label of the (accumulated) step."""
 

@@ -41,7 +41,7 @@ _CITATION = """
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Accuracy(evaluate.Metric):
-    def _info(self):
+    def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
@@ -60,7 +60,13 @@ class Accuracy(evaluate.Metric):
             reference_urls=["https://huggingface.co/spaces/evaluate-metric/accuracy"],
         )
 
-    def _compute(self, predictions, references, normalize=True, sample_weight=None):
+    def _compute(
+        self,
+        predictions: list[int],
+        references: list[int],
+        normalize: bool = True,
+        sample_weight: list[float] | None = None,
+    ) -> dict[str, float | int]:
         # Plain-Python counting keeps the module free of a scikit-learn dependency.
         if len(predictions) != len(references):
             raise ValueError(f"Got {len(predictions)} predictions but {len(references)} references.")
