@@ -691,6 +691,26 @@ def test_callback_continues_the_history_of_the_checkpoint_it_resumes(tmp_path):
     assert fresh.history == []
 
 
+def test_a_history_write_that_fails_leaves_the_checkpoint_resumable(tmp_path):
+    # on_save runs after Trainer has written trainer_state.json, so the checkpoint counts as complete: a run stopped
+    # while it writes the history must not leave half a JSON file there, which would make resuming from it fail.
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from modeling_moe.training.callbacks import HISTORY_FILENAME, ExpertBalanceCallback
+
+    (tmp_path / "checkpoint-2").mkdir()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    callback = ExpertBalanceCallback()
+    callback.history = [{"step": 1, "tokens_per_expert": [[3.0, 1.0]]}, {"step": 2, "tokens_per_expert": object()}]
+    with pytest.raises(TypeError, match="not JSON serializable"):  # fails after the first entry
+        callback.on_save(args, TrainerState(global_step=2), TrainerControl())
+    resumed = ExpertBalanceCallback()
+    resumed.on_train_begin(args, TrainerState(global_step=2), TrainerControl())
+    assert resumed.history == []
+    assert HISTORY_FILENAME not in os.listdir(tmp_path / "checkpoint-2")
+    assert os.listdir(tmp_path / "checkpoint-2") == []  # no temporary file left behind either
+
+
 def test_callback_leaves_forwards_made_before_training_out_of_the_first_log(tmp_path):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..cli.files import write_atomically
 from ..expert_statistics import ExpertStatistics
 
 HEATMAP_FILENAME = "expert_load_heatmap.png"
@@ -143,8 +144,9 @@ class ExpertBalanceCallback(TrainerCallback):
         # starting over.
         checkpoint = _checkpoint_dir(args, state)
         if state.is_world_process_zero and self.history and os.path.isdir(checkpoint):
-            with open(os.path.join(checkpoint, HISTORY_FILENAME), "w") as f:
-                json.dump(self.history, f)
+            # Trainer wrote trainer_state.json before this, so the checkpoint already counts as complete: a run stopped
+            # while writing must not leave half a file there, on which resuming would fail.
+            write_atomically(os.path.join(checkpoint, HISTORY_FILENAME), json.dumps(self.history))
 
     def on_log(
         self,
