@@ -960,6 +960,24 @@ def test_push_reads_the_metrics_file_it_is_given(scratch_run, tmp_path):
     assert values["perplexity"] == pytest.approx(all_results["eval_perplexity"], rel=1e-3)
 
 
+def test_push_names_a_metrics_file_it_cannot_read_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(moe_push, "load_model", lambda *a, **k: pytest.fail("model loaded before the metrics"))
+    model_path = tmp_path / "model"
+    model_path.mkdir()
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('{"eval_perplexity": 12.')
+    listed = tmp_path / "listed.json"
+    listed.write_text("[12.5]")
+    argv = ["--model_path", str(model_path), "--dry_run", "--metrics_file"]
+    with pytest.raises(ValueError, match=f"Metrics file '{truncated}' is not valid JSON"):
+        moe_push.run([*argv, str(truncated)])
+    with pytest.raises(ValueError, match=f"Metrics file '{listed}' must hold a mapping of metrics, got list"):
+        moe_push.run([*argv, str(listed)])
+    shutil.copy2(truncated, model_path / "all_results.json")  # e.g. a run stopped while writing it
+    with pytest.raises(ValueError, match="Metrics file '.*all_results.json' is not valid JSON"):
+        moe_push.run(argv[:-1])
+
+
 def test_save_atomically_moves_the_config_in_last(tmp_path, monkeypatch):
     # A model folder is loadable only once every file is in place: an earlier config is removed first and the new one
     # moved in last, so a save that fails while moving leaves no config beside partial weights.

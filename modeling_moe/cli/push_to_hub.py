@@ -57,7 +57,13 @@ def read_metrics(args: PushArguments) -> dict[str, Any]:
     for path in paths:
         if os.path.isfile(path):
             with open(path) as f:
-                return json.load(f)
+                try:
+                    metrics = json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"Metrics file {path!r} is not valid JSON: {error}") from error
+            if not isinstance(metrics, dict):
+                raise ValueError(f"Metrics file {path!r} must hold a mapping of metrics, got {type(metrics).__name__}.")
+            return metrics
     return {}
 
 
@@ -69,12 +75,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"`model_path` {args.model_path!r} is not a folder.")
     folder = args.output_dir or os.path.join(args.model_path, "hub_export")
     check_hub_folder(folder, keep=args.model_path)
+    metrics = read_metrics(args)
     model = load_model(EvalArguments(model_name_or_path=args.model_path, trust_remote_code=args.trust_remote_code))
     if hasattr(model, "merge_and_unload"):  # LoRA adapters: publish the merged model
         model = model.merge_and_unload()
     model = unwrap_moe_model(model)
     tokenizer = load_tokenizer(args.model_path)
-    metrics = read_metrics(args)
     counts = parameter_counts(model)
     repo_id = args.repo_id or os.path.basename(os.path.abspath(args.model_path))
     card = render_model_card(
