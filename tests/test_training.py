@@ -776,6 +776,19 @@ def test_validation_split_is_the_first_percentage_of_train_and_apart_from_it(tmp
     assert [t.strip() for t in raw["train"]["text"]] == lines[2:]
     with pytest.raises(ValueError, match="needs its own validation split"):
         load_raw_datasets(train_file=str(train_file), streaming=True, cache_dir=str(tmp_path / "c"))
+    # Too few examples for the percentage: an error naming the file and the percentage (datasets' own error was
+    # 'Instruction "train[:5%]" corresponds to no data!').
+    small_file = tmp_path / "small.txt"
+    small_file.write_text("\n".join(lines[:5]) + "\n")
+    for percentage, held_out in ((5, 0), (95, 5)):
+        with pytest.raises(
+            ValueError,
+            match=f"`validation_split_percentage` {percentage}% of the 5 examples of `train_file` '{small_file}' "
+            f"holds out {held_out}, which leaves the validation or the training split empty",
+        ):
+            load_raw_datasets(
+                train_file=str(small_file), validation_split_percentage=percentage, cache_dir=str(tmp_path / "c")
+            )
 
 
 def test_tokenize_and_pack_appends_eos_skips_empty_texts_and_drops_the_tail(scratch_run):

@@ -126,6 +126,15 @@ def load_raw_datasets(
                 "A streamed dataset needs its own validation split: pass `validation_file` or a dataset with one."
             )
         check_validation_split_percentage(validation_split_percentage)
+        rows = raw["train"].num_rows
+        held_out = round(validation_split_percentage * rows / 100)  # the rows of `train[:p%]` (datasets rounds so)
+        if not 0 < held_out < rows:
+            source = f"`train_file` {train_file!r}" if train_file is not None else f"`dataset_name` {dataset_name!r}"
+            raise ValueError(
+                f"`validation_split_percentage` {validation_split_percentage}% of the {rows} examples of {source} "
+                f"holds out {held_out}, which leaves the validation or the training split empty: pass a validation "
+                "split (`validation_file`) or change the percentage."
+            )
         raw["validation"] = load_dataset(split=f"train[:{validation_split_percentage}%]", **split_source, **load_kwargs)
         raw["train"] = load_dataset(split=f"train[{validation_split_percentage}%:]", **split_source, **load_kwargs)
     return raw
