@@ -13,6 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from modeling_moe import MoEConfig, MoEForCausalLM
 from modeling_moe.cli import evaluate as moe_eval
@@ -419,6 +420,7 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
         (["--model_name_or_path", "{saved}", "--do_eval"], ValueError, "--do_eval without `--do_train` asks for an"),
         (["--model_name_or_path", "{adapters}"], ValueError, "holds LoRA adapters .*their base model '/base'"),
         (["--model_name_or_path", "{adapters}", "--lora"], ValueError, "holds LoRA adapters"),
+        (["--model_name_or_path", "{llama}"], ValueError, "holds a 'llama' model, not a sparsely-gated MoE"),
         (["--model_name_or_path", "{saved}", "--lora", "--lora_r", "0"], ValueError, "`lora_r` must be at least 1"),
         (["--model_name_or_path", "{saved}", "--lora", "--lora_dropout", "1.5"], ValueError, "`lora_dropout`"),
         (["--config", "{config}", "--tokenizer_vocab_size", "10"], ValueError, "`tokenizer_vocab_size` must be"),
@@ -455,6 +457,7 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
     (tmp_path / "adapters").mkdir()
     (tmp_path / "adapters" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/base"}))
     MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
+    LlamaConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path / "llama")
     (tmp_path / "other" / "notes.txt").write_text("mine")
     paths = {
         "config": workdir / "tiny.json",
@@ -466,6 +469,7 @@ def test_argument_errors_come_before_any_data_is_loaded(workdir, tmp_path, monke
         "saved": tmp_path / "saved",
         "blocker": tmp_path / "a_file",
         "adapters": tmp_path / "adapters",
+        "llama": tmp_path / "llama",
     }
     argv = [arg.format(**paths) for arg in extra]
     with pytest.raises(error, match=match):

@@ -243,6 +243,12 @@ def check_arguments(
         config = AutoConfig.from_pretrained(
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **model_args.hub_kwargs
         )
+        # Otherwise found only once the data, the tokenizer and the whole model are loaded (`unwrap_moe_model`).
+        if config.model_type != MoEConfig.model_type:
+            raise ValueError(
+                f"`model_name_or_path` {model_args.model_name_or_path!r} holds a {config.model_type!r} model, not a "
+                f"sparsely-gated MoE ({MoEConfig.model_type!r}): moe-train fine-tunes MoEForCausalLM models."
+            )
         max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None:
         resolve_block_size(data_args.block_size, max_positions)
