@@ -201,6 +201,10 @@ class MoEConfig(PreTrainedConfig):
             raise ValueError(f"`attention_dropout` must be a probability in [0, 1], got {self.attention_dropout!r}.")
         if not 0 < self.rms_norm_eps < float("inf"):
             raise ValueError(f"`rms_norm_eps` must be a finite number > 0, got {self.rms_norm_eps!r}.")
+        # The std of the weights' normal init: torch rejects a negative or NaN one only when a model is built (without
+        # naming the field), and an infinite one gives non-finite weights. (LlamaConfig: an interval validator.)
+        if not 0 <= self.initializer_range < float("inf"):
+            raise ValueError(f"`initializer_range` must be a finite number >= 0, got {self.initializer_range!r}.")
         self.moe_layer_indices  # noqa: B018 -- validates `moe_layers`
 
     def _check_router_values(self) -> None:

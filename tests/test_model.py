@@ -80,6 +80,8 @@ def test_boundary_config_values_are_accepted():
         (dict(load_loss_coef=-1.0), "`load_loss_coef` must be a finite number >= 0, got -1.0"),
         (dict(load_loss_coef=float("nan")), "`load_loss_coef` must be a finite number >= 0, got nan"),
         (dict(rms_norm_eps=float("nan")), "`rms_norm_eps` must be a finite number > 0, got nan"),
+        (dict(initializer_range=-0.02), "`initializer_range` must be a finite number >= 0, got -0.02"),
+        (dict(initializer_range=float("inf")), "`initializer_range` must be a finite number >= 0, got inf"),
         (dict(attention_dropout=1.5), "`attention_dropout` must be a probability in \\[0, 1\\], got 1.5"),
         (dict(hidden_size=30), "`hidden_size` \\(30\\) must be divisible by `num_attention_heads` \\(4\\)"),
         (dict(hidden_size=36), "head size hidden_size // num_attention_heads = 9 .* must be even"),
