@@ -20,6 +20,7 @@ from modeling_moe.cli import evaluate as moe_eval
 from modeling_moe.cli import push_to_hub as moe_push
 from modeling_moe.cli import train as moe_train
 from modeling_moe.cli.cpu_malloc import GLIBC, REUSING, allocator_name
+from modeling_moe.training.arguments import check_config_fields
 from modeling_moe.training.data import default_corpus_documents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,6 +276,17 @@ def test_finetune_from_saved_folder(scratch_run, workdir):
     assert tuned.config.vocab_size == base.config.vocab_size  # the saved tokenizer was reused
     assert not torch.equal(base.lm_head.weight, tuned.lm_head.weight)
     assert math.isfinite(result["metrics"]["eval_perplexity"])
+
+
+def test_a_trained_models_config_json_serves_as_config(scratch_run):
+    out, _ = scratch_run
+    saved = json.loads((out / "config.json").read_text())
+    assert "auto_map" in saved  # written by save_pretrained for the remote code
+    fields = check_config_fields(saved, MoEConfig, "`config`")
+    trained = MoEForCausalLM.from_pretrained(out).config.to_dict()
+    fresh = MoEConfig(**fields).to_dict()
+    where = ("_name_or_path", "auto_map")  # the folder it was loaded from, its remote code
+    assert {k: v for k, v in fresh.items() if k not in where} == {k: v for k, v in trained.items() if k not in where}
 
 
 def test_lora_with_merge(scratch_run, workdir):

@@ -182,9 +182,13 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def check_config_fields(fields: dict[str, Any], config_class: type, source: str) -> dict[str, Any]:
-    """Reject fields `config_class` does not define (a typo would otherwise be silently ignored)."""
+    """Reject fields `config_class` does not define (a typo would otherwise be silently ignored).
+
+    The `model_type` and `auto_map` that `save_pretrained` writes are accepted, so a trained model's `config.json`
+    serves as a config file."""
     known = {f.name for f in dataclasses.fields(config_class)}
     fields = dict(fields)
+    fields.pop("auto_map", None)  # where the remote code lives: a fresh model gets its own
     model_type = fields.pop("model_type", config_class.model_type)
     if model_type != config_class.model_type:
         raise ValueError(f"{source} has model_type {model_type!r}; expected {config_class.model_type!r}.")
