@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 # SPEC §3: the reference implementation divides by `mean^2 + 1e-10`.
 CV_EPSILON = 1e-10
+# |z| beyond which the standard normal CDF is 0 or 1 and its density 0 in float32 and float64 (load_probability).
+_PHI_SATURATION = 40.0
 
 
 def gate_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,11 @@ def load_probability(
         `(num_tokens, num_experts)` probabilities, differentiable in all three inputs.
     """
     threshold = kth_excluding(noisy_logits, k)  # (num_tokens, num_experts)
-    return torch.special.ndtr((clean_logits - threshold) / noise_std)
+    # Phi is exactly 0 or 1, with zero derivative, beyond |z| = 40 (float32 and float64): clamping the difference
+    # there changes no value, and keeps the division's backward (-grad * z / sigma) from 0 * inf = NaN where sigma^2
+    # underflows (a tiny `noise_epsilon` with softplus(x W_noise) underflowing to 0).
+    bound = _PHI_SATURATION * noise_std.detach()
+    return torch.special.ndtr((clean_logits - threshold).clamp(-bound, bound) / noise_std)
 
 
 class _AllReduceSum(torch.autograd.Function):

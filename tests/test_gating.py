@@ -300,6 +300,25 @@ def test_edge_cases_stay_finite(case):
         assert torch.equal(out.load, torch.full((num_experts,), float(x.shape[0])))
 
 
+def test_a_tiny_noise_floor_keeps_the_load_gradients_finite():
+    """`noise_epsilon` only has to be > 0. With a floor of 1e-30 and softplus(x W_noise) underflowing to 0, sigma^2
+    underflows in the backward of Phi's argument `(clean - threshold) / sigma`: Phi's zero derivative there must not
+    become 0 * inf = NaN in the gate gradients. The load is unchanged (here a step function of the logit gaps)."""
+    router = _router(noise_epsilon=1e-30).train()
+    with torch.no_grad():
+        router.noise_weight.fill_(-1e3)
+    x = (torch.randn(12, 16).abs() + 0.1).requires_grad_()  # x W_noise < -1e3: softplus is 0
+    torch.manual_seed(0)
+    clean, noisy, noise_std = router.gate_logits(x)
+    assert torch.equal(noise_std, torch.full_like(noise_std, 1e-30))
+    torch.manual_seed(0)
+    out = router(x)[3]
+    assert torch.equal(out.load, torch.special.ndtr((clean - kth_excluding(noisy, 2)) / noise_std).sum(0))
+    out.load_loss.backward()
+    for grad in (x.grad, router.weight.grad, router.noise_weight.grad):
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("router", ["noisy_top_k", "softmax_top_k", "hierarchical", "balanced"])
 @pytest.mark.parametrize("training", [True, False])
 def test_gate_stays_float32_under_autocast(router, training):
