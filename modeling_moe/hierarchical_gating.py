@@ -120,8 +120,8 @@ class HierarchicalRouter(nn.Module):
             token_mask = x.new_ones(num_tokens)
         token_mask = token_mask.reshape(-1, 1).to(x.dtype)  # (num_tokens, 1)
 
-        gates = torch.zeros(num_tokens, a * b, device=x.device).scatter(1, top_k_index, top_k_weights)
-        selected = torch.zeros(num_tokens, a * b, device=x.device).scatter(1, top_k_index, 1.0)
+        gates = x.new_zeros(num_tokens, a * b).scatter(1, top_k_index, top_k_weights)  # float32, as the gate
+        selected = x.new_zeros(num_tokens, a * b).scatter(1, top_k_index, 1.0)
         tokens_per_expert = (selected * token_mask).sum(dim=0)
         importance = (gates * token_mask).sum(dim=0)  # Importance_H, flattened (a * b,)
 

@@ -215,6 +215,25 @@ def test_one_group_equals_flat_router():
             assert torch.allclose(getattr(flat_out[3], field), getattr(hierarchical_out[3], field), rtol=1e-6), field
 
 
+def test_routes_the_same_under_a_float64_default_dtype():
+    """The gate runs in float32 whatever the dtypes around it (gating.py), also where `torch.set_default_dtype(float64)`
+    makes new tensors float64, as the flat and balanced routers do: the hierarchical router's statistics too."""
+    router = _random_router().train()
+    x = torch.randn(16, 8)
+    outputs = []
+    for default_dtype in (torch.float32, torch.float64):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            torch.manual_seed(0)
+            _, weights, index, out = router(x)
+        finally:
+            torch.set_default_dtype(previous)
+        outputs.append((weights, index, out.importance, out.load, out.tokens_per_expert, out.aux_loss))
+    for float32_default, float64_default in zip(*outputs, strict=True):
+        assert torch.equal(float32_default, float64_default)
+
+
 def test_one_group_model_equals_flat_model():
     flat = router_model("capacity", expert_capacity_factor=None)
     hierarchical = MoEForCausalLM(tiny_config(router_type="hierarchical", num_expert_groups=1)).eval()
