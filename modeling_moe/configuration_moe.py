@@ -25,7 +25,11 @@ class MoEConfig(PreTrainedConfig):
         max_position_embeddings (`int`): Longest sequence the rotary embedding is set up for.
         rope_parameters (`dict`, *optional*): RoPE settings, `{"rope_type": "default", "rope_theta": 10000.0}` by default.
         num_experts (`int`): Number of experts `n` in each MoE layer.
-        num_experts_per_tok (`int`): Number of experts `k` kept per token (SPEC §2 `KeepTopK`).
+        num_experts_per_tok (`int`): Number of experts `k` kept per token (SPEC §2 `KeepTopK`). The paper keeps
+            `k > 1`: the gate values are the softmax of the `k` kept logits, so with `k = 1` the one value is always 1
+            and neither the model's loss nor `L_importance` reaches the gate; `noisy_top_k` then learns its routing
+            from `L_load` alone, `softmax_top_k` not at all. Likewise the hierarchical primary gate with
+            `num_groups_per_tok=1` learns from `Load_H` alone.
         expert_intermediate_size (`int`): Hidden size of each expert (1024 in the paper's language models).
         expert_activation (`str`): `"relu"` (one ReLU hidden layer, the paper's expert) or `"swiglu"` (gated SiLU).
             Also used by the dense feed-forward blocks.

@@ -224,6 +224,33 @@ def test_load_probability_passes_gradcheck(k):
     assert torch.autograd.gradcheck(lambda c, h, s: load_probability(c, h, s, k), inputs)
 
 
+@pytest.mark.parametrize("noisy", [True, False])
+def test_with_one_kept_expert_only_the_noisy_load_loss_trains_the_gate(noisy):
+    """k = 1 (configuration_moe.py, README): the one kept gate value is the softmax of one logit, always 1, so neither
+    a loss downstream of the gate values (the model's) nor L_importance reaches W_g; the noisy gate's smooth L_load
+    does, the softmax gate's token count does not. With k = 2 the gate values carry the model's gradient."""
+    x = torch.randn(16, 16)
+
+    def gate_gradient(router, loss):
+        if not loss.requires_grad:
+            return torch.zeros_like(router.weight)
+        (grad,) = torch.autograd.grad(loss, router.weight, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(router.weight) if grad is None else grad
+
+    for k in (1, 2):
+        router = _router(k=k, noisy=noisy).train()
+        _, weights, _, out = router(x)
+        downstream = (weights * torch.randn_like(weights)).sum()
+        model_grad, importance_grad, load_grad = (
+            gate_gradient(router, loss) for loss in (downstream, out.importance_loss, out.load_loss)
+        )
+        if k == 1:
+            assert (model_grad == 0).all() and (importance_grad == 0).all()
+            assert (load_grad.abs().max() > 0) == noisy
+        else:
+            assert model_grad.abs().max() > 0 and importance_grad.abs().max() > 0
+
+
 def test_evaluation_is_deterministic_and_training_is_noisy():
     router = _router()
     x = torch.randn(64, 16)
