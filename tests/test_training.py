@@ -195,6 +195,20 @@ def test_eval_metrics_match_independent_computation(scratch_run, tmp_path):
     assert evaluated["eval_accuracy"] == pytest.approx(metrics["eval_accuracy"])
 
 
+def test_eval_sample_follows_its_seed_as_moe_train_does(scratch_run):
+    # moe-eval's `--seed` seeds its sample: with the run's seed (0) it is the sample moe-train printed for the model.
+    out, result = scratch_run
+    args = ["--model_name_or_path", str(out), "--block_size", "32", "--max_eval_samples", "1", "--use_cpu", "true"]
+    args += ["--sample_max_new_tokens", "4"]
+    assert moe_eval.run([*args, "--seed", "0"])["sample"] == result["sample"]
+    from transformers import AutoTokenizer
+
+    model, tokenizer = MoEForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    expected = moe_train.generate_sample(model, tokenizer, "def ", 4, seed=1)
+    assert expected != result["sample"]
+    assert moe_eval.run([*args, "--seed", "1"])["sample"] == expected
+
+
 def test_model_card_carries_run_numbers(scratch_run):
     from huggingface_hub import ModelCard
 

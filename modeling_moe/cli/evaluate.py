@@ -47,7 +47,7 @@ class EvalArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for Hub downloads."})
     output_dir: str | None = field(default=None, metadata={"help": "Where `eval_results.json` is written."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per evaluation batch."})
-    seed: int = field(default=42, metadata={"help": "Seed."})
+    seed: int = field(default=42, metadata={"help": "Seed of the sample, as moe-train's `--seed`."})
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of a sample ('' skips it)."})
     sample_max_new_tokens: int = field(default=40, metadata={"help": "Tokens of the sample ('0' skips it)."})
     use_cpu: bool = field(default=False, metadata={"help": "Evaluate on CPU even where an accelerator exists."})
@@ -153,7 +153,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     metrics.update(counts)
     sample = None
     if args.sample_prompt and args.sample_max_new_tokens > 0:
-        sample = generate_sample(model, tokenizer, args.sample_prompt, args.sample_max_new_tokens)
+        sample = generate_sample(model, tokenizer, args.sample_prompt, args.sample_max_new_tokens, seed=args.seed)
     if args.output_dir is not None:
         with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
