@@ -346,6 +346,12 @@ def test_resume_gives_identical_losses(workdir):
 
     assert [s for s, _, _ in losses(resumed, 3)] == [3, 4]
     assert losses(resumed, 3) == losses(full, 3)
+    # And the same final weights, bit for bit (the last step's update included, which no logged loss shows).
+    from safetensors.torch import load_file
+
+    full_weights, resumed_weights = (load_file(d / "model.safetensors") for d in (workdir / "full", resumed_dir))
+    assert full_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(full_weights[name], resumed_weights[name]) for name in full_weights)
     # The expert-load history (and heatmap) continues from the checkpoint instead of starting over.
     history = [json.load(open(d / "expert_load_history.json")) for d in (workdir / "full", resumed_dir)]
     assert [entry["step"] for entry in history[1]] == [entry["step"] for entry in history[0]] == [1, 2, 3, 4]
