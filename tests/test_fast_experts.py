@@ -187,6 +187,39 @@ def test_groups_in_threads_match_eager_and_restore_the_thread_count(monkeypatch,
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_groups_give_the_same_bits_whichever_worker_finishes_first(monkeypatch, dtype):
+    """The worker threads' results are summed in group order, not in the order they finish: the groups run one after
+    the other, last group first, give the output and gradients of the threaded run bit for bit (README: the result
+    depends on the thread count only, not on timing). k = 4: a token's slots fall into both groups; in bf16 the weight
+    gradients of experts over several blocks are also summed across blocks."""
+    experts = _experts("relu", num_experts=8, hidden=16, intermediate=8).to(dtype)
+    index, weights = _routing(200, 8, 4, seed=5)
+    monkeypatch.setattr(fast_experts, "BLOCK_BYTES", 10 * 16 * 4)  # 10-row blocks: 80 of them
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(6))
+
+    def last_group_first(work, items):
+        threads, results = torch.get_num_threads(), {}
+        try:
+            for position in reversed(range(len(items))):
+                torch.set_num_threads(threads // len(items))  # each group's share of the threads, as in the workers
+                results[position] = work(items[position])
+        finally:
+            torch.set_num_threads(threads)
+        return [results[position] for position in range(len(items))]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threaded = _run(fused_experts_forward, experts, x, index, weights, dtype)
+        monkeypatch.setattr(fast_experts, "map_in_worker_threads", last_group_first)
+        in_reverse = _run(fused_experts_forward, experts, x, index, weights, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(threaded, in_reverse, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_workers_are_at_most_max_k_2_and_share_the_intra_op_threads(monkeypatch):
     """8 intra-op threads and k=2: two workers of 4 threads each (two per-token sums at most, not eight)."""
     experts = _experts("relu", num_experts=8, hidden=16, intermediate=8)
