@@ -455,6 +455,11 @@ def test_bad_input_errors(workdir, tmp_path, case, error, match):
         (["--model_name_or_path", "{llama}"], ValueError, "holds a 'llama' model, not a sparsely-gated MoE"),
         (["--model_name_or_path", "{saved}", "--lora", "--lora_r", "0"], ValueError, "`lora_r` must be at least 1"),
         (["--model_name_or_path", "{saved}", "--lora", "--lora_dropout", "1.5"], ValueError, "`lora_dropout`"),
+        (  # PEFT's LoRA on the expert weights (target_parameters) takes no dropout: once raised deep inside PEFT
+            ["--model_name_or_path", "{saved}", "--lora", "--lora_dropout", "0.05"],
+            ValueError,
+            "`--lora_dropout 0.05` applies to the attention projections only.*`--lora_experts false`",
+        ),
         (["--config", "{config}", "--tokenizer_vocab_size", "10"], ValueError, "`tokenizer_vocab_size` must be"),
         (["--config", "{config}", "--config_overrides", "vocab_size=100"], ValueError, "`vocab_size` 100"),
         (["--config", "{config}", "--validation_split_percentage", "0"], ValueError, "`validation_split_percentage`"),
@@ -1080,5 +1085,5 @@ def test_expert_parallel_keeps_the_ddp_timeout_it_is_given(workdir, tmp_path, mo
 
 def test_lora_dropout_may_be_one(tmp_path):
     MoEConfig(**TINY).save_pretrained(tmp_path / "saved")
-    argv = ["--model_name_or_path", str(tmp_path / "saved"), "--lora", "--lora_dropout", "1"]
+    argv = ["--model_name_or_path", str(tmp_path / "saved"), "--lora", "--lora_dropout", "1", "--lora_experts", "false"]
     assert moe_train.check_arguments(*moe_train.parse_args([*argv, *common_args(tmp_path / "out")])) is None

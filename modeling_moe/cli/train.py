@@ -210,6 +210,14 @@ def check_arguments(
         check_minimums(run_args, {"lora_r": 1})
         if not 0 <= run_args.lora_dropout <= 1:
             raise ValueError(f"`lora_dropout` must be in [0, 1], got {run_args.lora_dropout}.")
+        if run_args.lora_dropout > 0 and run_args.lora_experts:
+            # PEFT's LoRA on the fused expert weights (`target_parameters`) refuses any dropout, which it would raise
+            # only once the data, the tokenizer and the model are loaded, without naming these options.
+            raise ValueError(
+                f"`--lora_dropout {run_args.lora_dropout}` applies to the attention projections only, but LoRA on the "
+                "fused expert weights (`--lora_experts`, on by default) takes no dropout in PEFT: pass "
+                "`--lora_experts false` to use dropout, or `--lora_dropout 0`."
+            )
     # TrainingArguments accepts 0; the DataLoader would reject it only when it is built (for evaluation: after training).
     check_minimums(training_args, {"per_device_train_batch_size": 1, "per_device_eval_batch_size": 1})
     fields = None

@@ -91,7 +91,9 @@ class RunArguments:
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout on the attention projections."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout on the attention projections (needs `--lora_experts false`)."}
+    )
     lora_experts: bool = field(default=True, metadata={"help": "Also put LoRA on the fused expert weights."})
     merge: bool = field(
         default=False, metadata={"help": "With --lora: also write the merged model to `output_dir/merged`."}
