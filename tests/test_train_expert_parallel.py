@@ -249,6 +249,11 @@ def test_two_nodes_of_one_process_each_finish_cleanly(tmp_path):
     [
         (["--expert_parallel", "2", "--lora"], "does not support --lora"),
         (["--expert_parallel", "2", "--resume_from_checkpoint", "true"], "does not support --resume_from_checkpoint"),
+        (  # Trainer loaded the best checkpoint's plain tensors into the sharded model, failing after all the training
+            ["--expert_parallel", "2", "--eval_strategy", "steps", "--save_strategy", "steps"]
+            + ["--load_best_model_at_end", "true"],
+            "does not support --load_best_model_at_end",
+        ),
         (["--expert_parallel", "2"], "needs 2 processes .* single process"),
         (["--expert_parallel", "0"], "positive integer, got 0"),
     ],

@@ -272,7 +272,8 @@ def setup_expert_parallel(
     """Check `--expert_parallel N`, join the process group (bounded timeout) and set the Trainer arguments it needs.
 
     Returns `N`. Fails early, naming the option, for what an expert-parallel run does not support: LoRA (PEFT on an
-    FSDP2-sharded model) and resuming (Trainer cannot checkpoint the optimizer of a model sharded at load time).
+    FSDP2-sharded model), resuming (Trainer cannot checkpoint the optimizer of a model sharded at load time) and
+    loading the best checkpoint at the end (Trainer copies its plain tensors into the sharded ones, which fails).
     """
     size = run_args.expert_parallel
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -285,13 +286,15 @@ def setup_expert_parallel(
         for name, used in (
             ("--lora", run_args.lora),
             ("--resume_from_checkpoint", resume is not None and str(resume).lower() not in ("false", "none", "")),
+            ("--load_best_model_at_end", training_args.load_best_model_at_end),
         )
         if used
     ]
     if unsupported:
         raise ValueError(
             f"`--expert_parallel {size}` does not support {' and '.join(unsupported)}: train without expert "
-            "parallelism for LoRA, and start from a saved model (`--model_name_or_path`) instead of resuming."
+            "parallelism for LoRA, start from a saved model (`--model_name_or_path`) instead of resuming, and pick the "
+            "best of the saved checkpoints (ordinary ones) yourself instead of loading it at the end."
         )
     validate_expert_parallel_size(size, _num_experts(model_args, config_fields))
     # Keep a `ddp_timeout` the user chose; replace only TrainingArguments' default (30 min) by the bounded one.
