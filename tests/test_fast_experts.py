@@ -50,7 +50,7 @@ def _run(fn, experts, x, index, weights, dtype=torch.float32):
     for p in experts.parameters():
         p.grad = None
     out = fn(experts, x, index, weights)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
     (out * grad_out).sum().backward()
     return [out.detach(), x.grad, weights.grad] + [p.grad for p in experts.parameters()]
 
@@ -271,10 +271,10 @@ def test_generic_activation_falls_back_to_autograd():
     _assert_matches_eager(experts, x, index, weights)
 
 
-def _assert_bf16_close(activation: str) -> None:
-    experts = _experts(activation, hidden=16, intermediate=32)
-    x = torch.randn(33, 16)
-    index, weights = _routing(33, 6, 2)
+def _assert_bf16_close(activation: str, device: str = "cpu", num_experts: int = 6, num_tokens: int = 33) -> None:
+    experts = _experts(activation, num_experts, hidden=16, intermediate=32).to(device)
+    x = torch.randn(num_tokens, 16, device=device)
+    index, weights = (t.to(device) for t in _routing(num_tokens, num_experts, 2))
     reference = _run(_experts_eager_forward, experts, x, index, weights)
     experts.to(torch.bfloat16)
     fused = _run(fused_experts_forward, experts, x, index, weights, dtype=torch.bfloat16)
