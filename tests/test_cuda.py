@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from modeling_moe import MoEForCausalLM, fast_experts
+from modeling_moe import fast_experts
 from modeling_moe.fast_experts import fused_experts_forward
 from modeling_moe.modeling_moe import _experts_eager_forward
 
-from .conftest import tiny_config
 from .test_fast_experts import _assert_bf16_close, _experts, _routing, _run
+from .test_model import _ids, _model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -79,21 +79,11 @@ def test_bf16_with_1024_experts_leaves_out_grouped_mm_and_stays_close(activation
     assert mode.calls == 0
 
 
-def _tiny_model(**overrides) -> MoEForCausalLM:
-    torch.manual_seed(0)
-    model = MoEForCausalLM(tiny_config(**overrides))
-    with torch.no_grad():  # non-zero gates, so routing depends on the input
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight") or name.endswith("gate.noise_weight"):
-                param.normal_(0, 0.3)
-    return model.eval()
-
-
 @pytest.mark.parametrize("expert_activation", ["relu", "swiglu"])
 def test_model_on_cuda_matches_the_cpu_model(expert_activation):
     """Evaluation (no noise) gives the CPU model's loss and logits; a training step's loss and gradients are finite."""
-    model = _tiny_model(expert_activation=expert_activation)
-    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = _model(expert_activation=expert_activation)
+    ids = _ids(batch=2, length=12)
     with torch.no_grad():
         on_cpu = model(input_ids=ids, labels=ids)
         model.to(CUDA)
@@ -108,8 +98,8 @@ def test_model_on_cuda_matches_the_cpu_model(expert_activation):
 
 
 def test_greedy_generation_on_cuda_with_cache_equals_without_cache():
-    model = _tiny_model().to(CUDA)
-    prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    model = _model().to(CUDA)
+    prompt = _ids(batch=1, length=5).to(CUDA)
     with_cache = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True)
     without_cache = model.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=False)
     assert with_cache.shape == (1, 25)
@@ -119,8 +109,8 @@ def test_greedy_generation_on_cuda_with_cache_equals_without_cache():
 def test_training_step_under_bf16_autocast_on_cuda():
     """`Trainer(bf16=True)`: float32 weights, products in bf16 (the grouped kernel on 9.x / 10.x), the gate in
     float32; the loss is close to float32's and the weights get finite float32 gradients."""
-    model = _tiny_model().to(CUDA).train()
-    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    model = _model().to(CUDA).train()
+    ids = _ids(batch=2, length=12).to(CUDA)
     model.eval()
     with torch.no_grad():
         reference = model(input_ids=ids, labels=ids).loss
