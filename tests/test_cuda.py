@@ -14,19 +14,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_moe import fast_experts
-from modeling_moe.fast_experts import fused_experts_forward
-from modeling_moe.modeling_moe import _experts_eager_forward
 
-from .test_fast_experts import _assert_bf16_close, _experts, _routing, _run
+from .test_fast_experts import _assert_bf16_close, _assert_matches_eager, _experts, _routing
 from .test_model import _ids, _model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = "cuda"
-
-
-def _runs_grouped_kernel() -> bool:
-    return torch.cuda.is_available() and fast_experts.torch_runs_grouped_kernel(torch.device(CUDA), torch.bfloat16)
 
 
 class _GroupedMmCalls(TorchDispatchMode):
@@ -53,12 +47,8 @@ def test_fused_matches_eager_in_float32_on_cuda(activation, case):
     if case == "sentinel":
         index[0, 1] = 6
         index[5] = 6  # a token with no local expert at all
-    index, weights = index.to(CUDA), weights.to(CUDA)
-    reference = _run(_experts_eager_forward, experts, x, index, weights)
-    fused = _run(fused_experts_forward, experts, x, index, weights)
-    for a, b in zip(reference, fused, strict=True):
-        assert b.device.type == CUDA
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (a - b).abs().max()
+    # Eager's results are on CUDA: `allclose` raises if any of `moe_fused`'s is not.
+    _assert_matches_eager(experts, x, index.to(CUDA), weights.to(CUDA))
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
@@ -67,7 +57,7 @@ def test_bf16_on_cuda_is_close_and_uses_grouped_mm_where_torch_has_its_kernel(ac
     of a forward+backward is one `grouped_mm` call (the CUTLASS kernel), elsewhere none is (per-expert `mm`)."""
     with _GroupedMmCalls() as mode:
         _assert_bf16_close(activation, CUDA)
-    assert mode.calls == (6 if _runs_grouped_kernel() else 0)
+    assert mode.calls == (6 if fast_experts.torch_runs_grouped_kernel(torch.device(CUDA), torch.bfloat16) else 0)
 
 
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
@@ -109,9 +99,8 @@ def test_greedy_generation_on_cuda_with_cache_equals_without_cache():
 def test_training_step_under_bf16_autocast_on_cuda():
     """`Trainer(bf16=True)`: float32 weights, products in bf16 (the grouped kernel on 9.x / 10.x), the gate in
     float32; the loss is close to float32's and the weights get finite float32 gradients."""
-    model = _model().to(CUDA).train()
+    model = _model().to(CUDA)  # in evaluation mode
     ids = _ids(batch=2, length=12).to(CUDA)
-    model.eval()
     with torch.no_grad():
         reference = model(input_ids=ids, labels=ids).loss
         with torch.autocast(CUDA, dtype=torch.bfloat16):
